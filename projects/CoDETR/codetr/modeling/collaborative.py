@@ -1,0 +1,231 @@
+"""Collaborative hybrid assignment: the part of Co-DETR that is not DETR.
+
+A DETR-style detector trains with a *one-to-one* assignment (Hungarian matching): each GT box supervises one
+query, so the encoder gets sparse supervision and the decoder few positives. Co-DETR adds, in training only:
+
+1. **Encoder maps** (:func:`memory_to_maps`). The encoder memory ``(B, sum h_l*w_l, C)`` is cut back into the
+   multi-scale maps ``(B, C, h_l, w_l)`` it was flattened from, and one extra map is made from the last one by a
+   3x3 stride-2 conv + GroupNorm(32) (``CollaborativeBranch.downsample``). Co-DINO: 5 + 1 = 6 maps, strides
+   4..128. The auxiliary heads read these maps -- never the neck's -- so their losses train the encoder.
+
+2. **Auxiliary heads with one-to-many assignment** (``aux_heads``, index = position in the list). Co-DINO has
+   two: head 0 is Faster R-CNN (:class:`codetr.modeling.rcnn.RCNNBranch`: RPN on 6 maps, RoI head on the first
+   5) and head 1 is ATSS (:class:`codetr.modeling.atss.ATSSHead`). Each one assigns many anchors/RoIs to every GT
+   and returns its losses (keys with the head index, e.g. ``loss_cls0``, ``loss_bbox1``; their x12 weights are
+   set in the config) and its *positives*: per image, the boxes it assigned (RoIs or anchors, XYXY absolute),
+   their labels (background = ``num_classes``) and their GT boxes.
+
+3. **Customised positive queries** (:func:`get_aux_targets`). Per head, every image gets
+   ``N = max(9, min(300, largest number of positives over the batch's images))`` query slots: its positives (a
+   random subset when it has more than N) followed by random negatives of the same head as padding. Boxes and
+   targets are divided by the image size (unpadded, or padded when ``with_attn_mask=False``) and turned into
+   ``cxcywh``. Label weight is 1 on all N slots (negatives learn "background"); box weight is 1 on positives only.
+
+4. **Extra decoder passes** (``query_head.forward_aux``). For head i the query head runs its decoder once more on
+   these N queries, with the encoder memory unchanged: reference boxes = the head's boxes, content =
+   ``query_head.aux_query_content(refs, i)`` (Co-DINO: LayerNorm_i(Linear_i(2C -> C)) of the boxes' sine
+   embedding). No denoising, no attention mask, no Hungarian matching: the targets are the auxiliary head's
+   assignment. Losses at every decoder layer (keys ``loss_cls_aux{i}``, ``d{k}.loss_iou_aux{i}``, ...).
+
+At inference this module is not called; removing it (``model.collaborative = None``) leaves the detector's
+eval outputs unchanged.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.structures import ImageList, Instances
+
+__all__ = ["CollaborativeBranch", "memory_to_maps", "get_aux_targets"]
+
+
+def memory_to_maps(memory: Tensor, spatial_shapes: Tensor) -> List[Tensor]:
+    """Encoder memory (B, S, C) -> list of (B, C, h_l, w_l), S = sum h_l * w_l (padded positions kept)."""
+    if memory.dim() != 3:
+        raise ValueError(f"memory_to_maps: memory must be (B, S, C), got {tuple(memory.shape)}")
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    total = sum(h * w for h, w in shapes)
+    if total != memory.shape[1]:
+        raise ValueError(f"memory_to_maps: spatial_shapes cover {total} tokens but memory has {memory.shape[1]}")
+    b, _, c = memory.shape
+    maps = []
+    for chunk, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes):
+        maps.append(chunk.transpose(1, 2).reshape(b, c, h, w))
+    return maps
+
+
+def _xyxy_to_cxcywh(b: Tensor) -> Tensor:
+    return torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], dim=-1)
+
+
+def get_aux_targets(
+    positives: List[Dict[str, Tensor]],
+    image_sizes: Sequence[Tuple[int, int]],
+    num_classes: int,
+    min_queries: int = 9,
+    max_queries: int = 300,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, Tensor]:
+    """Build the positive queries of one auxiliary head for a batch.
+
+    Args:
+        positives: per image ``boxes`` (M_i, 4), ``labels`` (M_i,), ``target_boxes`` (M_i, 4), XYXY absolute;
+            background label = ``num_classes``.
+        image_sizes: per image (h, w) used for normalisation.
+        min_queries, max_queries: N = max(min_queries, min(max_queries, max_i #positives_i)).
+
+    Returns:
+        dict with ``ref_boxes`` (B, N, 4) normalised cxcywh (the query anchors), ``labels`` (B, N) int64,
+        ``label_weights`` (B, N) (all ones), ``boxes`` (B, N, 4) normalised cxcywh targets, ``box_weights``
+        (B, N) (1 on positives). Positives come first in each row. When an image has fewer negatives than padding
+        slots they are drawn with repetition; with none at all the slots are zero boxes labelled background.
+    """
+    if len(positives) != len(image_sizes):
+        raise ValueError(f"get_aux_targets: {len(positives)} positives entries for {len(image_sizes)} image_sizes")
+    if len(positives) == 0:
+        raise ValueError("get_aux_targets: empty batch")
+    fg_masks = [(p["labels"] >= 0) & (p["labels"] < num_classes) for p in positives]
+    # one host sync for the batch: N is a shape
+    num_fg = torch.stack([m.sum() for m in fg_masks]).tolist()
+    n = max(min_queries, min(max_queries, max(num_fg)))
+
+    refs, labels, targets, box_w = [], [], [], []
+    for p, fg, nf, (h, w) in zip(positives, fg_masks, num_fg, image_sizes):
+        device = p["boxes"].device
+        pos_idx = fg.nonzero().squeeze(1)
+        if nf > n:
+            pos_idx = pos_idx[torch.randperm(nf, generator=generator).to(device)[:n]]
+        num_pad = n - pos_idx.numel()
+        neg_idx = (p["labels"] == num_classes).nonzero().squeeze(1)
+        if num_pad > 0 and neg_idx.numel() >= num_pad:
+            neg_idx = neg_idx[torch.randperm(neg_idx.numel(), generator=generator).to(device)[:num_pad]]
+        elif num_pad > 0 and neg_idx.numel() > 0:
+            neg_idx = neg_idx[torch.randint(neg_idx.numel(), (num_pad,), generator=generator).to(device)]
+        else:
+            neg_idx = neg_idx[:0]
+        idx = torch.cat([pos_idx, neg_idx])
+        factor = p["boxes"].new_tensor([w, h, w, h])
+        ref = _xyxy_to_cxcywh(p["boxes"][idx] / factor)
+        lab = p["labels"][idx]
+        tgt = _xyxy_to_cxcywh(p["target_boxes"][idx] / factor)
+        short = n - idx.numel()
+        if short > 0:  # no negatives to pad with
+            ref = torch.cat([ref, ref.new_zeros(short, 4)])
+            tgt = torch.cat([tgt, tgt.new_zeros(short, 4)])
+            lab = torch.cat([lab, lab.new_full((short,), num_classes)])
+        bw = ref.new_zeros(n)
+        bw[: pos_idx.numel()] = 1.0
+        refs.append(ref)
+        labels.append(lab)
+        targets.append(tgt)
+        box_w.append(bw)
+    ref_boxes = torch.stack(refs)
+    return {
+        "ref_boxes": ref_boxes,
+        "labels": torch.stack(labels),
+        "label_weights": ref_boxes.new_ones(ref_boxes.shape[:2]),
+        "boxes": torch.stack(targets),
+        "box_weights": torch.stack(box_w),
+    }
+
+
+class CollaborativeBranch(nn.Module):
+    """Auxiliary heads on the encoder maps + their positive queries through the query head's decoder.
+
+    Called by the meta-architecture in training only::
+
+        losses.update(self.collaborative(enc_ctx, images, gt_instances, self.query_head))
+    """
+
+    def __init__(
+        self,
+        *,
+        aux_heads: Sequence[nn.Module],
+        num_classes: int,
+        embed_dim: int = 256,
+        num_gn_groups: int = 32,
+        extra_map: bool = True,
+        min_queries: int = 9,
+        max_queries: int = 300,
+        with_pos_queries: bool = True,
+    ):
+        """
+        Args:
+            aux_heads: auxiliary heads in head-index order (Co-DINO: [RCNNBranch, ATSSHead]); each maps
+                ``(features, images, gt_instances)`` to ``(losses, positives)``.
+            num_classes: foreground classes (background label = num_classes).
+            extra_map: append the stride-2 conv + GN map to the encoder maps (True for Co-DETR).
+            min_queries, max_queries: bounds of the per-image number of positive-query slots (9, 300).
+            with_pos_queries: run the positive-query decoder passes (False trains only the aux heads).
+        """
+        super().__init__()
+        if len(aux_heads) == 0:
+            raise ValueError("CollaborativeBranch: aux_heads is empty")
+        self.aux_heads = nn.ModuleList(aux_heads)
+        self.num_classes = num_classes
+        self.min_queries = min_queries
+        self.max_queries = max_queries
+        self.with_pos_queries = with_pos_queries
+        if extra_map:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(embed_dim, embed_dim, kernel_size=3, stride=2, padding=1),
+                nn.GroupNorm(num_gn_groups, embed_dim),
+            )
+        else:
+            self.downsample = None
+
+    def encoder_maps(self, enc_ctx: Dict) -> List[Tensor]:
+        """Encoder memory -> multi-scale maps (+ the extra stride-2 map)."""
+        maps = memory_to_maps(enc_ctx["memory"], enc_ctx["spatial_shapes"])
+        if self.downsample is not None:
+            maps.append(self.downsample(maps[-1]))
+        return maps
+
+    @staticmethod
+    def _image_sizes(enc_ctx: Dict, images: ImageList) -> List[Tuple[int, int]]:
+        sizes = enc_ctx.get("image_sizes", None)
+        if sizes is None:
+            sizes = images.image_sizes
+        if isinstance(sizes, Tensor):
+            sizes = sizes.tolist()
+        return [(int(h), int(w)) for h, w in sizes]
+
+    def forward(
+        self, enc_ctx: Dict, images: ImageList, gt_instances: List[Instances], query_head: nn.Module
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            enc_ctx: the query head's encoder context (docs/design.md): ``memory`` (B, S, C), ``spatial_shapes``,
+                ``image_sizes`` (the sizes boxes are normalised by), ...
+            images: the batch's ImageList.
+            gt_instances: per image ``gt_boxes`` (XYXY absolute) and ``gt_classes``.
+            query_head: provides ``aux_query_content(ref_boxes, head_idx)`` and
+                ``forward_aux(enc_ctx, query_content, ref_boxes, targets, head_idx)``.
+
+        Returns:
+            all auxiliary losses (aux heads and positive-query passes).
+        """
+        maps = self.encoder_maps(enc_ctx)
+        sizes = self._image_sizes(enc_ctx, images)
+        # the aux heads see the normalisation sizes (padded ones when with_attn_mask=False, as the official code)
+        aux_images = ImageList(images.tensor, sizes)
+        losses: Dict[str, Tensor] = {}
+        all_positives = []
+        for head in self.aux_heads:
+            head_losses, positives = head(maps, aux_images, gt_instances)
+            dup = set(head_losses) & set(losses)
+            if dup:
+                raise ValueError(f"CollaborativeBranch: auxiliary heads produce the same loss keys {sorted(dup)}")
+            losses.update(head_losses)
+            all_positives.append(positives)
+        if not self.with_pos_queries:
+            return losses
+        for i, positives in enumerate(all_positives):
+            targets = get_aux_targets(
+                positives, sizes, self.num_classes, min_queries=self.min_queries, max_queries=self.max_queries
+            )
+            refs = targets.pop("ref_boxes")
+            content = query_head.aux_query_content(refs, i)
+            losses.update(query_head.forward_aux(enc_ctx, content, refs, targets, i))
+        return losses

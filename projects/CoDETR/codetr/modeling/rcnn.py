@@ -1,0 +1,229 @@
+"""The Faster R-CNN auxiliary branch of Co-DETR (head index 0 in Co-DINO), on detectron2's RPN and StandardROIHeads.
+
+Nothing of Faster R-CNN is rewritten here: :class:`RCNNBranch` builds detectron2's ``RPN`` (``StandardRPNHead``,
+``DefaultAnchorGenerator``) and ``StandardROIHeads`` (``ROIPooler``, ``FastRCNNConvFCHead``,
+``FastRCNNOutputLayers``) with the official Co-DINO hyper-parameters, and only adds what Co-DETR needs on top:
+
+- loss keys carrying the head index (``loss_rpn_cls0``, ``loss_rpn_bbox0``, ``loss_cls0``, ``loss_bbox0``);
+- the *positives* handed to the query head: the RoIs sampled by ``StandardROIHeads.label_and_sample_proposals``
+  (512 per image, GT boxes appended as proposals, positives first), truncated to the smallest per-image count
+  (cap 2000), with their labels (background = ``num_classes``) and GT boxes (the decoded regression targets).
+
+Correspondences with the official mmdet config (``co_dino_5scale_r50_1x_coco.py``):
+
+- anchors ``octave_base_scale=4, scales_per_octave=3`` -> sizes ``4 * stride * 2**(k/3)``, k = 0, 1, 2, ratios
+  0.5/1/2, centre offset 0 (both mmdet 2.x and detectron2 put anchor centres at ``stride * index``);
+- mmdet's RoI level mapping ``floor(log2(sqrt(area) / finest_scale + 1e-6))`` equals detectron2's
+  ``floor(canonical_level + log2(sqrt(area) / canonical_box_size)) - min_level`` with ``canonical_box_size =
+  finest_scale = 56`` and ``canonical_level = min_level = 2`` (stride 4); RoIAlign with ``aligned=True`` and
+  adaptive sampling is detectron2's ``ROIAlignV2`` with ``sampling_ratio=0``;
+- ``DeltaXYWHBBoxCoder`` with stds (0.1, 0.1, 0.2, 0.2) is ``Box2BoxTransform((10, 10, 5, 5))``;
+- RoI GIoU on decoded boxes and CE are both averaged over the sampled RoIs in mmdet and detectron2.
+
+Known difference: mmdet's RPN low-quality matches require IoU >= 0.3 (``min_pos_iou``); detectron2's Matcher
+accepts a GT's best anchors at any IoU > 0. The anchor order inside a location also differs (mmdet: ratio-major,
+detectron2: size-major), which matters only when converting official RPN weights.
+
+Detectron2's RPN and ROI heads log to the event storage in training: run them under ``EventStorage`` (the
+trainers do).
+"""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.matcher import Matcher
+from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
+from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads
+from detectron2.structures import ImageList, Instances
+
+__all__ = ["RCNNBranch"]
+
+
+class RCNNBranch(nn.Module):
+    """RPN + RoI head on the auxiliary maps; returns ``(losses, positives)`` (docs/design.md)."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 256,
+        strides: Sequence[int] = (4, 8, 16, 32, 64, 128),
+        num_roi_levels: int = 5,
+        anchor_octave_base_scale: float = 4.0,
+        anchor_scales_per_octave: int = 3,
+        anchor_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        rpn_iou_thresholds: Tuple[float, float] = (0.3, 0.7),
+        rpn_batch_size_per_image: int = 256,
+        rpn_positive_fraction: float = 0.5,
+        rpn_pre_nms_topk: Tuple[int, int] = (4000, 1000),
+        rpn_post_nms_topk: Tuple[int, int] = (1000, 1000),
+        rpn_nms_thresh: float = 0.7,
+        roi_iou_threshold: float = 0.5,
+        roi_batch_size_per_image: int = 512,
+        roi_positive_fraction: float = 0.25,
+        roi_pooler_resolution: int = 7,
+        roi_finest_scale: int = 56,
+        fc_dim: int = 1024,
+        num_fc: int = 2,
+        bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        cls_agnostic_bbox_reg: bool = False,
+        loss_rpn_cls_weight: float = 1.0,
+        loss_rpn_bbox_weight: float = 1.0,
+        loss_cls_weight: float = 1.0,
+        loss_bbox_weight: float = 10.0,
+        test_score_thresh: float = 0.0,
+        test_nms_thresh: float = 0.5,
+        test_detections_per_image: int = 100,
+        max_positives: int = 2000,
+        head_index: int = 0,
+    ):
+        """
+        Args:
+            num_classes: foreground classes (background = ``num_classes``).
+            strides: strides of the input maps; the RPN runs on all of them.
+            num_roi_levels: RoIAlign reads the first ``num_roi_levels`` maps.
+            roi_finest_scale: mmdet's ``finest_scale`` (Co-DINO 56, Co-Deformable-DETR 112).
+            loss_*_weight: multipliers (Co-DINO configs: RPN CE 12, RPN L1 12, RoI CE 12, RoI GIoU 120).
+            max_positives: cap of the per-image positive-query candidates (official 2000).
+            head_index: appended to the loss keys.
+        """
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"RCNNBranch: num_classes must be >= 1, got {num_classes}")
+        strides = [int(s) for s in strides]
+        if not 1 <= num_roi_levels <= len(strides):
+            raise ValueError(f"RCNNBranch: num_roi_levels must be in [1, {len(strides)}], got {num_roi_levels}")
+        self.num_classes = num_classes
+        self.strides = strides
+        self.head_index = head_index
+        self.max_positives = max_positives
+        self.in_features = [f"p{int(round(math.log2(s)))}" for s in strides]
+
+        sizes = [
+            [anchor_octave_base_scale * s * 2 ** (k / anchor_scales_per_octave) for k in range(anchor_scales_per_octave)]
+            for s in strides
+        ]
+        anchor_generator = DefaultAnchorGenerator(
+            sizes=sizes, aspect_ratios=[list(anchor_ratios)], strides=strides, offset=0.0
+        )
+        num_anchors = anchor_scales_per_octave * len(anchor_ratios)
+        self.rpn = RPN(
+            in_features=self.in_features,
+            head=StandardRPNHead(in_channels=in_channels, num_anchors=num_anchors, box_dim=4),
+            anchor_generator=anchor_generator,
+            anchor_matcher=Matcher(list(rpn_iou_thresholds), [0, -1, 1], allow_low_quality_matches=True),
+            box2box_transform=Box2BoxTransform(weights=(1.0, 1.0, 1.0, 1.0)),
+            batch_size_per_image=rpn_batch_size_per_image,
+            positive_fraction=rpn_positive_fraction,
+            pre_nms_topk=tuple(rpn_pre_nms_topk),
+            post_nms_topk=tuple(rpn_post_nms_topk),
+            nms_thresh=rpn_nms_thresh,
+            min_box_size=0.0,
+            anchor_boundary_thresh=-1.0,
+            loss_weight={"loss_rpn_cls": float(loss_rpn_cls_weight), "loss_rpn_loc": float(loss_rpn_bbox_weight)},
+            box_reg_loss_type="smooth_l1",
+            smooth_l1_beta=0.0,  # L1, as the official L1Loss
+        )
+
+        roi_features = self.in_features[:num_roi_levels]
+        min_level = int(round(math.log2(strides[0])))
+        pooler = ROIPooler(
+            output_size=roi_pooler_resolution,
+            scales=[1.0 / s for s in strides[:num_roi_levels]],
+            sampling_ratio=0,
+            pooler_type="ROIAlignV2",
+            canonical_box_size=roi_finest_scale,
+            canonical_level=min_level,
+        )
+        box_head = FastRCNNConvFCHead(
+            ShapeSpec(channels=in_channels, height=roi_pooler_resolution, width=roi_pooler_resolution),
+            conv_dims=[],
+            fc_dims=[fc_dim] * num_fc,
+        )
+        box_predictor = FastRCNNOutputLayers(
+            box_head.output_shape,
+            box2box_transform=Box2BoxTransform(weights=bbox_reg_weights),
+            num_classes=num_classes,
+            test_score_thresh=test_score_thresh,
+            test_nms_thresh=test_nms_thresh,
+            test_topk_per_image=test_detections_per_image,
+            cls_agnostic_bbox_reg=cls_agnostic_bbox_reg,
+            box_reg_loss_type="giou",
+            loss_weight={"loss_cls": float(loss_cls_weight), "loss_box_reg": float(loss_bbox_weight)},
+        )
+        self.roi_heads = StandardROIHeads(
+            num_classes=num_classes,
+            batch_size_per_image=roi_batch_size_per_image,
+            positive_fraction=roi_positive_fraction,
+            proposal_matcher=Matcher([roi_iou_threshold], [0, 1], allow_low_quality_matches=False),
+            proposal_append_gt=True,
+            box_in_features=roi_features,
+            box_pooler=pooler,
+            box_head=box_head,
+            box_predictor=box_predictor,
+        )
+
+    def _feature_dict(self, features: List[Tensor]) -> Dict[str, Tensor]:
+        if len(features) != len(self.in_features):
+            raise ValueError(f"RCNNBranch: expected {len(self.in_features)} feature maps, got {len(features)}")
+        return dict(zip(self.in_features, features))
+
+    def forward(
+        self, features: List[Tensor], images: ImageList, gt_instances: List[Instances]
+    ) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        """
+        Args:
+            features: list of (B, C, h_l, w_l), one per stride.
+            images: ImageList; its ``image_sizes`` clip the proposals.
+            gt_instances: per image ``gt_boxes`` (XYXY absolute) and ``gt_classes``.
+
+        Returns:
+            losses: ``loss_rpn_cls{i}``, ``loss_rpn_bbox{i}``, ``loss_cls{i}``, ``loss_bbox{i}``.
+            positives: per image ``boxes`` (M, 4) the sampled RoIs (positives first), ``labels`` (M,),
+                ``target_boxes`` (M, 4) their GT boxes (zeros for background); M is the same for every image.
+        """
+        if len(gt_instances) != features[0].shape[0]:
+            raise ValueError(
+                f"RCNNBranch: {len(gt_instances)} gt_instances for a batch of {features[0].shape[0]} images"
+            )
+        feats = self._feature_dict(features)
+        proposals, rpn_losses = self.rpn(images, feats, gt_instances)
+        sampled, roi_losses = self.roi_heads(images, feats, proposals, gt_instances)
+        i = self.head_index
+        losses = {
+            f"loss_rpn_cls{i}": rpn_losses["loss_rpn_cls"],
+            f"loss_rpn_bbox{i}": rpn_losses["loss_rpn_loc"],
+            f"loss_cls{i}": roi_losses["loss_cls"],
+            f"loss_bbox{i}": roi_losses["loss_box_reg"],
+        }
+        return losses, self.positives(sampled)
+
+    @torch.no_grad()
+    def positives(self, sampled: List[Instances]) -> List[Dict[str, Tensor]]:
+        """Sampled RoIs -> positive-query candidates, truncated to the smallest per-image count (cap)."""
+        m = min([self.max_positives] + [len(p) for p in sampled])
+        out = []
+        for p in sampled:
+            boxes = p.proposal_boxes.tensor[:m]
+            labels = p.gt_classes[:m]
+            fg = (labels >= 0) & (labels < self.num_classes)
+            if p.has("gt_boxes"):
+                targets = p.gt_boxes.tensor[:m] * fg[:, None]
+            else:
+                targets = torch.zeros_like(boxes)
+            out.append({"boxes": boxes.detach(), "labels": labels, "target_boxes": targets})
+        return out
+
+    @torch.no_grad()
+    def inference(self, features: List[Tensor], images: ImageList) -> List[Instances]:
+        """Detections (``pred_boxes``, ``scores``, ``pred_classes``) in input-image coordinates (eval mode)."""
+        feats = self._feature_dict(features)
+        proposals, _ = self.rpn(images, feats, None)
+        results, _ = self.roi_heads(images, feats, proposals, None)
+        return results
