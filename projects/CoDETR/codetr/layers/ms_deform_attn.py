@@ -5,12 +5,19 @@
 fallback when the extension is unavailable and for export.
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MultiScaleDeformableAttention"]
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "check_ms_deform_attn_inputs",
+    "MultiScaleDeformableAttention",
+]
 
 
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -47,9 +54,170 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     return out.transpose(1, 2).contiguous()
 
 
+_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CPU_KERNEL_TYPES = (torch.float32, torch.float64)
+_ARG_NAMES = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+try:
+    from codetr import _C
+except ImportError as e:  # not built: the pure-PyTorch path is used (with one warning)
+    _C = None
+    _C_IMPORT_ERROR = e
+else:
+    _C_IMPORT_ERROR = None
+
+_warned_fallback = False
+
+
+def _warn_fallback(reason):
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"codetr: {reason}; multi-scale deformable attention falls back to the (slower) pure-PyTorch path. "
+            "Build the extension with `pip install -e . --no-build-isolation` (FORCE_CUDA=1 for the CUDA kernels).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """
+    Validate the inputs of :func:`ms_deform_attn` (types, ranks, sizes, devices and the consistency of
+    ``spatial_shapes`` / ``level_start_index`` with ``value``), raising TypeError/ValueError naming the
+    argument. Reads ``spatial_shapes`` and ``level_start_index`` on the host (one small copy).
+    """
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, t in zip(_ARG_NAMES, args):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name in ("spatial_shapes", "level_start_index"):
+        t = spatial_shapes if name == "spatial_shapes" else level_start_index
+        if t.dtype != torch.int64:
+            raise TypeError(f"ms_deform_attn: {name} must be int64 (torch.long), got {t.dtype}")
+    for name, t in (("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if t.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"ms_deform_attn: {name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
+        raise TypeError(
+            "ms_deform_attn: value, sampling_locations and attention_weights must have the same dtype, got "
+            f"value {value.dtype}, sampling_locations {sampling_locations.dtype}, attention_weights {attention_weights.dtype}"
+        )
+    for name, t in zip(_ARG_NAMES[1:], args[1:]):
+        if t.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} is on {t.device} but value is on {value.device}")
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, H, C), got shape {_shape(value)}")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2), got shape {_shape(spatial_shapes)}")
+    if level_start_index.dim() != 1:
+        raise ValueError(f"ms_deform_attn: level_start_index must be (L,), got shape {_shape(level_start_index)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations must be (N, Lq, H, L, P, 2), got shape {_shape(sampling_locations)}"
+        )
+    if attention_weights.dim() != 5:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must be (N, Lq, H, L, P), got shape {_shape(attention_weights)}"
+        )
+    N, S, H, C = value.shape
+    L = spatial_shapes.shape[0]
+    if L == 0:
+        raise ValueError("ms_deform_attn: spatial_shapes has no level (L = 0)")
+    if level_start_index.shape[0] != L:
+        raise ValueError(
+            f"ms_deform_attn: level_start_index has {level_start_index.shape[0]} entries but spatial_shapes has L = {L} levels"
+        )
+    Nl, Lq, Hl, Ll, P, _ = sampling_locations.shape
+    if (Nl, Hl, Ll) != (N, H, L):
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations shape {_shape(sampling_locations)} does not match (N={N}, Lq, H={H}, L={L}, P, 2) "
+            "given by value (N, S, H, C) and spatial_shapes (L, 2)"
+        )
+    if _shape(attention_weights) != (N, Lq, H, L, P):
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must have shape (N, Lq, H, L, P) = {(N, Lq, H, L, P)}, got {_shape(attention_weights)}"
+        )
+    # One host copy for both index tensors (a sync on CUDA; they are tiny).
+    host = torch.cat([spatial_shapes.reshape(-1), level_start_index]).cpu().tolist()
+    shapes, starts = host[: 2 * L], host[2 * L :]
+    sizes = [h * w for h, w in zip(shapes[0::2], shapes[1::2])]
+    if any(h < 1 or w < 1 for h, w in zip(shapes[0::2], shapes[1::2])):
+        raise ValueError(f"ms_deform_attn: spatial_shapes must hold positive (h, w), got {shapes}")
+    if sum(sizes) != S:
+        raise ValueError(
+            f"ms_deform_attn: sum of h*w over spatial_shapes is {sum(sizes)} but value has S = {S} positions (value.shape[1])"
+        )
+    expected = [0]
+    for size in sizes[:-1]:
+        expected.append(expected[-1] + size)
+    if starts != expected:
+        raise ValueError(
+            f"ms_deform_attn: level_start_index {starts} is inconsistent with spatial_shapes (expected {expected})"
+        )
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    """Autograd wrapper of the ``codetr._C`` kernels (inputs contiguous, validated, of a kernel dtype)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _C.ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_loc, grad_attn = _C.ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            grad_output.to(value.dtype).contiguous(),
+        )
+        return grad_value, None, None, grad_loc, grad_attn
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Multi-scale deformable attention; same contract as :func:`ms_deform_attn_pytorch`."""
-    return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    """
+    Multi-scale deformable attention with the compiled kernels of ``codetr._C`` (C++ on the CPU, CUDA
+    on a GPU; chosen by ``value.device``); same contract as :func:`ms_deform_attn_pytorch`, and
+    differentiable in value, sampling_locations and attention_weights.
+
+    Inputs are validated first (TypeError/ValueError naming the argument). On the CPU, float16/bfloat16
+    inputs are computed in float32 and the result cast back. Falls back to the pure-PyTorch path, with
+    one warning, when the extension is not built or was built without CUDA and the input is on a GPU;
+    also when tracing/exporting.
+
+    Returns:
+        (N, Lq, H * C), the dtype of value.
+    """
+    check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _C is None:
+        _warn_fallback(f"the extension codetr._C is not built ({_C_IMPORT_ERROR})")
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if value.device.type == "cuda":
+        if not _C.with_cuda():
+            _warn_fallback("codetr._C was built without its CUDA kernels")
+            return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        compute_dtype = value.dtype
+    elif value.device.type == "cpu":
+        compute_dtype = value.dtype if value.dtype in _CPU_KERNEL_TYPES else torch.float32
+    else:
+        _warn_fallback(f"codetr._C has no kernel for device {value.device}")
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out = _MSDeformAttnFunction.apply(
+        value.to(compute_dtype).contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations.to(compute_dtype).contiguous(),
+        attention_weights.to(compute_dtype).contiguous(),
+    )
+    return out.to(value.dtype)
 
 
 class MultiScaleDeformableAttention(nn.Module):

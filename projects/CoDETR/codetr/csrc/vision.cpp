@@ -1,0 +1,63 @@
+// The codetr._C extension module: multi-scale deformable attention, dispatched on value's device.
+#include "ms_deform_attn.h"
+
+namespace codetr {
+
+static at::Tensor ms_deform_attn_forward(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  if (value.is_cuda()) {
+#ifdef WITH_CUDA
+    return ms_deform_attn_cuda_forward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+#else
+    TORCH_CHECK(false, "codetr._C was built without CUDA; rebuild with FORCE_CUDA=1");
+#endif
+  }
+  return ms_deform_attn_cpu_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+}
+
+static std::vector<at::Tensor> ms_deform_attn_backward(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights,
+    const at::Tensor& grad_output) {
+  if (value.is_cuda()) {
+#ifdef WITH_CUDA
+    return ms_deform_attn_cuda_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output);
+#else
+    TORCH_CHECK(false, "codetr._C was built without CUDA; rebuild with FORCE_CUDA=1");
+#endif
+  }
+  return ms_deform_attn_cpu_backward(
+      value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output);
+}
+
+static bool with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace codetr
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Co-DETR compiled ops (multi-scale deformable attention)";
+  m.def(
+      "ms_deform_attn_forward", &codetr::ms_deform_attn_forward,
+      "multi-scale deformable attention forward: (value, spatial_shapes, level_start_index, "
+      "sampling_locations, attention_weights) -> output (N, Lq, H*C)");
+  m.def(
+      "ms_deform_attn_backward", &codetr::ms_deform_attn_backward,
+      "multi-scale deformable attention backward: (..., grad_output) -> [grad_value, "
+      "grad_sampling_locations, grad_attention_weights]");
+  m.def("with_cuda", &codetr::with_cuda, "whether codetr._C was built with the CUDA kernels");
+}
