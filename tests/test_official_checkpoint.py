@@ -1,0 +1,220 @@
+"""Official (mmdetection) Co-DETR checkpoints -> our parameter names: key layouts from the official code and from the
+official parameter list (/work/shared/spec/official-state-dict-co_dino_r50.tsv, copied as tests/data)."""
+import argparse
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from codetr.checkpoint.official import (
+    OfficialCheckpointError,
+    convert_official_state_dict,
+    load_official_checkpoint,
+    maybe_convert_official_file,
+)
+from codetr.modeling.backbone import SFP, EVA02ViT
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R50_TSV = os.path.join(REPO, "tests", "data", "official-state-dict-co_dino_r50.tsv")
+
+
+def read_tsv(path, prefix=""):
+    """{key: shape} of the official parameter list (rows: key, shape, dtype, kind)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape, dtype, kind = line.rstrip("\n").split("\t")
+            if key.startswith(prefix):
+                out[key] = (tuple(ast.literal_eval(shape)), dtype)
+    return out
+
+
+def random_state_dict(layout):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, (shape, dtype) in layout.items():
+        if dtype == "int64":
+            sd[k] = torch.randint(0, 10, shape, generator=g)
+        else:
+            sd[k] = torch.randn(shape, generator=g)
+    return sd
+
+
+def official_vit_sfp_layout(depth, dim, heads, hidden, pre_grid, window_blocks, c_out):
+    """Official ViT + SFP keys and shapes, written from mmdet/models/backbones/vit.py and necks/sfp.py."""
+    f32 = "float32"
+    L = {
+        "backbone.patch_embed.proj.weight": ((dim, 3, 16, 16), f32),
+        "backbone.patch_embed.proj.bias": ((dim,), f32),
+        "backbone.pos_embed": ((1, pre_grid * pre_grid + 1, dim), f32),
+        # VisionRotaryEmbeddingFast buffers: (ft_seq_len^2, head_dim)
+        "backbone.rope_win.freqs_cos": ((4 * 4, dim // heads), f32),
+        "backbone.rope_win.freqs_sin": ((4 * 4, dim // heads), f32),
+        "backbone.out_norm.weight": ((dim,), f32),
+        "backbone.out_norm.bias": ((dim,), f32),
+    }
+    for i in range(depth):
+        b = f"backbone.blocks.{i}."
+        for n in ("norm1", "norm2"):
+            L[b + n + ".weight"] = ((dim,), f32)
+            L[b + n + ".bias"] = ((dim,), f32)
+        for n in ("q_proj", "k_proj", "v_proj"):
+            L[b + f"attn.{n}.weight"] = ((dim, dim), f32)
+        L[b + "attn.q_bias"] = ((dim,), f32)
+        L[b + "attn.v_bias"] = ((dim,), f32)
+        L[b + "attn.proj.weight"] = ((dim, dim), f32)
+        L[b + "attn.proj.bias"] = ((dim,), f32)
+        if i in window_blocks:  # the shared rope module is a submodule of each windowed attention
+            L[b + "attn.rope.freqs_cos"] = ((4 * 4, dim // heads), f32)
+            L[b + "attn.rope.freqs_sin"] = ((4 * 4, dim // heads), f32)
+        for n in ("w1", "w2"):
+            L[b + f"mlp.{n}.weight"] = ((hidden, dim), f32)
+            L[b + f"mlp.{n}.bias"] = ((hidden,), f32)
+        L[b + "mlp.ffn_ln.weight"] = ((hidden,), f32)
+        L[b + "mlp.ffn_ln.bias"] = ((hidden,), f32)
+        L[b + "mlp.w3.weight"] = ((dim, hidden), f32)
+        L[b + "mlp.w3.bias"] = ((dim,), f32)
+    C, D = dim, c_out
+    convs = {  # index in the nn.Sequential -> (out, in, k); LayerNorms follow each conv at index + 1
+        "p2": [(1, C // 2, C, 3), (5, C // 4, C // 2, 3), (8, D, C // 4, 1), (11, D, D, 3)],
+        "p3": [(1, C // 2, C, 3), (4, D, C // 2, 1), (7, D, D, 3)],
+        "p4": [(0, D, C, 1), (3, D, D, 3)],
+        "p5": [(1, D, C, 1), (4, D, D, 3)],
+        "p6": [(1, C, C, 3), (4, D, C, 1), (7, D, D, 3)],
+    }
+    for lvl, items in convs.items():
+        for idx, o, i_, k in items:
+            L[f"neck.{lvl}.{idx}.weight"] = ((o, i_, k, k), f32)
+            L[f"neck.{lvl}.{idx + 1}.weight"] = ((o,), f32)
+            L[f"neck.{lvl}.{idx + 1}.bias"] = ((o,), f32)
+    return L
+
+
+class ViTWithNeck(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = EVA02ViT(embed_dim=32, depth=4, num_heads=2, window_size=4, global_block_indexes=(1, 3),
+                                 pretrain_img_size=64)
+        self.neck = SFP(32, 16)
+
+
+def test_vit_sfp_official_layout_converts_one_to_one():
+    hidden = int(32 * 4 * 2 / 3)
+    official = random_state_dict(official_vit_sfp_layout(4, 32, 2, hidden, 4, (0, 2), 16))
+    model = ViTWithNeck()
+    out, report = convert_official_state_dict(official, model.state_dict())
+    assert report.ok and report.backbone == "vit"
+    assert report.missing == [] and report.unexpected == []
+    assert sorted(report.ignored) == sorted(k for k in official if "rope" in k)
+    missing, unexpected = model.load_state_dict(out, strict=True)
+    assert not missing and not unexpected
+    assert torch.equal(model.backbone.blocks[2].mlp.fc1_g.weight, official["backbone.blocks.2.mlp.w1.weight"])
+    assert torch.equal(model.backbone.blocks[2].mlp.fc1_x.bias, official["backbone.blocks.2.mlp.w2.bias"])
+    assert torch.equal(model.backbone.blocks[0].mlp.norm.weight, official["backbone.blocks.0.mlp.ffn_ln.weight"])
+    assert torch.equal(model.backbone.blocks[3].mlp.fc2.weight, official["backbone.blocks.3.mlp.w3.weight"])
+    assert torch.equal(model.neck.p6[1].weight, official["neck.p6.1.weight"])
+
+
+def test_unmapped_missing_and_shape_errors_are_reported():
+    hidden = int(32 * 4 * 2 / 3)
+    official = random_state_dict(official_vit_sfp_layout(4, 32, 2, hidden, 4, (0, 2), 16))
+    model = ViTWithNeck()
+    extra = dict(official, **{"query_head.mystery.weight": torch.zeros(3)})
+    with pytest.raises(OfficialCheckpointError, match="query_head.mystery.weight"):
+        convert_official_state_dict(extra, model.state_dict())
+    fewer = {k: v for k, v in official.items() if k != "backbone.out_norm.bias"}
+    with pytest.raises(OfficialCheckpointError, match="backbone.out_norm.bias"):
+        convert_official_state_dict(fewer, model.state_dict())
+    bad = dict(official, **{"backbone.pos_embed": torch.zeros(1, 5, 32)})
+    with pytest.raises(OfficialCheckpointError, match="backbone.pos_embed"):
+        convert_official_state_dict(bad, model.state_dict())
+    # opting out: the result leaves the unexpected key out and the report lists it
+    out, report = convert_official_state_dict(extra, model.state_dict(), strict=False)
+    assert report.unexpected == ["query_head.mystery.weight"] and "query_head.mystery.weight" not in out
+
+
+def detectron2_r50():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import BasicStem, ResNet
+
+    stages = ResNet.make_default_stages(50, stride_in_1x1=False, norm="FrozenBN")
+    return ResNet(BasicStem(3, 64, norm="FrozenBN"), stages, out_features=["res2", "res3", "res4", "res5"])
+
+
+def test_resnet_official_keys_map_onto_detectron2_resnet():
+    layout = read_tsv(R50_TSV, prefix="backbone.")
+    assert len(layout) > 300
+    official = random_state_dict(layout)
+    model = nn.Module()
+    model.backbone = detectron2_r50()
+    out, report = convert_official_state_dict(official, model.state_dict())
+    assert report.backbone == "resnet" and report.ok
+    assert set(report.ignored) == {k for k in official if k.endswith("num_batches_tracked")}
+    model.load_state_dict(out, strict=True)
+    # torchvision naming -> detectron2 naming, spot checks written by hand
+    assert torch.equal(model.backbone.stem.conv1.weight, official["backbone.conv1.weight"])
+    assert torch.equal(model.backbone.stem.conv1.norm.running_var, official["backbone.bn1.running_var"])
+    assert torch.equal(model.backbone.res3[0].shortcut.weight, official["backbone.layer2.0.downsample.0.weight"])
+    assert torch.equal(model.backbone.res5[2].conv3.norm.bias, official["backbone.layer4.2.bn3.bias"])
+
+
+def test_load_official_checkpoint_file_formats(tmp_path):
+    sd = {"module.backbone.x": torch.ones(2), "module.query_head.y": torch.zeros(3), "module.ema_backbone_x": torch.ones(2)}
+    path = str(tmp_path / "official.pth")
+    torch.save({"state_dict": sd, "meta": {"epoch": 12, "CLASSES": ("a", "b"), "config": "model = dict()"}}, path)
+    loaded, meta = load_official_checkpoint(path)
+    assert sorted(loaded) == ["backbone.x", "ema_backbone_x", "query_head.y"] and meta["epoch"] == 12
+    out, report = convert_official_state_dict(loaded)
+    assert sorted(out) == ["backbone.x", "query_head.y"] and "ema_backbone_x" in report.ignored
+
+    broken = str(tmp_path / "broken.pth")
+    with open(path, "rb") as f, open(broken, "wb") as g:
+        g.write(f.read()[:200])
+    with pytest.raises(OfficialCheckpointError, match="broken.pth"):
+        load_official_checkpoint(broken)
+    with pytest.raises(OfficialCheckpointError, match="does not exist"):
+        load_official_checkpoint(str(tmp_path / "nope.pth"))
+
+    unsafe = str(tmp_path / "unsafe.pth")
+    # argparse.Namespace in the metadata is refused by torch.load(weights_only=True)
+    torch.save({"state_dict": {"backbone.x": torch.ones(1)}, "meta": {"args": argparse.Namespace(lr=1)}}, unsafe)
+    with pytest.raises(OfficialCheckpointError, match="allow_pickle"):
+        load_official_checkpoint(unsafe)
+    assert list(load_official_checkpoint(unsafe, allow_pickle=True)[0]) == ["backbone.x"]
+
+
+def test_checkpointer_hook_recognises_official_files(tmp_path):
+    model = ViTWithNeck()
+    hidden = int(32 * 4 * 2 / 3)
+    official = random_state_dict(official_vit_sfp_layout(4, 32, 2, hidden, 4, (0, 2), 16))
+    official["query_head.foo"] = torch.zeros(1)  # makes it look like a full Co-DETR checkpoint
+    path = str(tmp_path / "official.pth")
+    torch.save({"state_dict": official, "meta": {}}, path)
+    with pytest.raises(OfficialCheckpointError, match="query_head.foo"):
+        maybe_convert_official_file(path, model)
+    conv = maybe_convert_official_file(path, model, strict=False)
+    assert conv["matching_heuristics"] is False and "backbone.blocks.0.mlp.fc1_g.weight" in conv["model"]
+    native = str(tmp_path / "native.pth")
+    torch.save({"model": model.state_dict()}, native)
+    assert maybe_convert_official_file(native, model) is None
+
+
+def test_cli_help_and_conversion(tmp_path):
+    tool = os.path.join(REPO, "tools", "convert_official_checkpoint.py")
+    r = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--config-file" in r.stdout and "--allow-unmapped" in r.stdout
+    src = str(tmp_path / "in.pth")
+    torch.save({"state_dict": {"backbone.blocks.0.mlp.w1.weight": torch.ones(2, 2)}, "meta": {}}, src)
+    dst = str(tmp_path / "out.pth")
+    r = subprocess.run([sys.executable, tool, src, dst, "--no-check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert list(torch.load(dst, weights_only=True)["model"]) == ["backbone.blocks.0.mlp.fc1_g.weight"]
+    r = subprocess.run([sys.executable, tool, str(tmp_path / "missing.pth"), dst, "--no-check"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "does not exist" in r.stderr
