@@ -1,1 +1,27 @@
-"""codetr.modeling."""
+"""codetr.modeling: the Co-DETR meta-architecture and the DINO query head."""
+from .denoising import CdnQueryGenerator, build_dn_attn_mask, inverse_sigmoid
+from .dino_head import DINOHead, validate_targets
+from .losses import all_reduce_normalizer, quality_focal_loss
+from .matcher import HungarianMatcher
+from .meta_arch import CoDETR
+from .neck import ChannelMapper
+from .position_encoding import PositionEmbeddingSine, box_sine_embed
+from .soft_nms import batched_soft_nms
+from .transformer import DINOTransformer
+
+__all__ = [
+    "CoDETR",
+    "DINOHead",
+    "DINOTransformer",
+    "ChannelMapper",
+    "HungarianMatcher",
+    "CdnQueryGenerator",
+    "PositionEmbeddingSine",
+    "all_reduce_normalizer",
+    "batched_soft_nms",
+    "box_sine_embed",
+    "build_dn_attn_mask",
+    "inverse_sigmoid",
+    "quality_focal_loss",
+    "validate_targets",
+]

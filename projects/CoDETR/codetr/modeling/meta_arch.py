@@ -1,0 +1,138 @@
+"""CoDETR: the Detectron2 meta-architecture of Co-DETR (backbone, neck, query head, optional collaborative branch)."""
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+
+from .dino_head import validate_targets
+
+__all__ = ["CoDETR"]
+
+
+class CoDETR(nn.Module):
+    """
+    Co-DETR / DINO detector with Detectron2's model interface.
+
+    ``forward(batched_inputs)`` returns a dict of losses in training and
+    ``[{"instances": Instances(pred_boxes, scores, pred_classes)}]`` in eval, rescaled to each input's
+    "height"/"width" when given.
+
+    Args:
+        backbone: a Detectron2 backbone returning a dict of feature maps.
+        neck: maps that dict to the list of multi-scale maps of the query head.
+        query_head: a :class:`DINOHead`.
+        pixel_mean, pixel_std: per-channel normalisation, in ``input_format`` channel order.
+        input_format: "RGB" or "BGR", the channel order of ``batched_inputs[i]["image"]``.
+        with_attn_mask: if False every image counts as its padded size (no padding masks; boxes
+            normalised by the padded size), as the official LSJ configs.
+        size_divisibility: pad the batch to a multiple of this.
+        collaborative: optional module of the auxiliary heads, called in training as
+            ``collaborative(enc_ctx, images, gt_instances, query_head) -> dict of losses``.
+            With ``None`` the model is exactly DINO.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: nn.Module,
+        query_head: nn.Module,
+        pixel_mean,
+        pixel_std,
+        input_format: str = "RGB",
+        with_attn_mask: bool = True,
+        size_divisibility: int = 32,
+        collaborative: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"input_format must be 'RGB' or 'BGR', got {input_format!r}")
+        self.backbone = backbone
+        self.neck = neck
+        self.query_head = query_head
+        self.collaborative = collaborative
+        self.input_format = input_format
+        self.with_attn_mask = with_attn_mask
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]):
+        """
+        Returns:
+            images: ImageList (normalised, padded);
+            masks: (B, H, W) bool, True on padding (all False when ``with_attn_mask=False``);
+            norm_sizes: (B, 2) float (h, w) by which boxes are normalised.
+        """
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        B, _, H, W = images.tensor.shape
+        masks = torch.ones(B, H, W, dtype=torch.bool, device=self.device)
+        if self.with_attn_mask:
+            for i, (h, w) in enumerate(images.image_sizes):
+                masks[i, :h, :w] = False
+            norm_sizes = torch.tensor(images.image_sizes, dtype=torch.float32, device=self.device)
+        else:
+            masks[:] = False
+            norm_sizes = torch.tensor([[H, W]] * B, dtype=torch.float32, device=self.device)
+        return images, masks, norm_sizes
+
+    @staticmethod
+    def _image_name(x: Dict, i: int) -> str:
+        for key in ("file_name", "image_id"):
+            if key in x:
+                return f"{x[key]!s} (batch index {i})"
+        return f"#{i} of the batch"
+
+    def prepare_targets(self, batched_inputs, gt_instances, norm_sizes) -> List[Dict[str, torch.Tensor]]:
+        """gt Instances (XYXY pixels) -> per image ``labels``, ``boxes`` (cxcywh normalised), ``name``."""
+        targets = []
+        for i, (x, inst) in enumerate(zip(batched_inputs, gt_instances)):
+            h, w = norm_sizes[i].tolist()
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = inst.gt_boxes.tensor.float()
+            targets.append(
+                dict(
+                    labels=inst.gt_classes.to(torch.int64),
+                    boxes=box_convert(boxes / scale, "xyxy", "cxcywh"),
+                    name=self._image_name(x, i),
+                )
+            )
+        return targets
+
+    def forward(self, batched_inputs: List[Dict]):
+        images, masks, norm_sizes = self.preprocess_image(batched_inputs)
+        if self.training:
+            for i, x in enumerate(batched_inputs):
+                if "instances" not in x:
+                    raise ValueError(f"image {self._image_name(x, i)}: training needs 'instances' in every input")
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            targets = self.prepare_targets(batched_inputs, gt_instances, norm_sizes)
+            validate_targets(targets, self.query_head.num_classes)  # before any heavy work
+        features = self.neck(self.backbone(images.tensor))
+        if self.training:
+            losses, enc_ctx = self.query_head(features, masks, targets, norm_sizes)
+            if self.collaborative is not None:
+                losses.update(self.collaborative(enc_ctx, images, gt_instances, self.query_head))
+            return losses
+        logits, boxes = self.query_head(features, masks, None, norm_sizes)
+        dets = self.query_head.inference(logits, boxes, norm_sizes)
+        results = []
+        for x, det, image_size in zip(batched_inputs, dets, images.image_sizes):
+            inst = Instances(image_size)
+            inst.pred_boxes = Boxes(det["boxes"])
+            inst.pred_boxes.clip(image_size)
+            inst.scores = det["scores"]
+            inst.pred_classes = det["labels"]
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            results.append({"instances": detector_postprocess(inst, height, width)})
+        return results

@@ -1,0 +1,77 @@
+"""ChannelMapper neck: maps backbone levels to a common width and adds stride-2 extra levels."""
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ChannelMapper"]
+
+
+class ConvNorm(nn.Module):
+    """Conv2d (no bias) + GroupNorm; submodule names ``conv`` and ``gn`` as in mmcv's ConvModule."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, num_groups=32):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        self.gn = nn.GroupNorm(num_groups, out_channels)
+        nn.init.xavier_uniform_(self.conv.weight)
+
+    def forward(self, x):
+        return self.gn(self.conv(x))
+
+
+class ChannelMapper(nn.Module):
+    """
+    One ``kernel_size`` conv + GN per input level, then ``num_extra`` 3x3 stride-2 conv + GN levels,
+    the first applied to the **raw** last backbone level, the others to the previous extra level.
+
+    Args:
+        in_features: names of the backbone outputs, finest first (e.g. ["res2", ..., "res5"]).
+        in_channels: their channel counts.
+        out_channels: width of every output level.
+        num_extra: number of extra stride-2 levels.
+    """
+
+    def __init__(
+        self,
+        in_features: Sequence[str],
+        in_channels: Sequence[int],
+        out_channels: int = 256,
+        num_extra: int = 1,
+        kernel_size: int = 1,
+        num_groups: int = 32,
+    ):
+        super().__init__()
+        if len(in_features) != len(in_channels):
+            raise ValueError(
+                f"in_features ({len(in_features)}) and in_channels ({len(in_channels)}) must have the same length"
+            )
+        self.in_features = list(in_features)
+        self.out_channels = out_channels
+        self.convs = nn.ModuleList(
+            [ConvNorm(c, out_channels, kernel_size, num_groups=num_groups) for c in in_channels]
+        )
+        extra = []
+        for i in range(num_extra):
+            extra.append(ConvNorm(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, num_groups))
+        self.extra_convs = nn.ModuleList(extra)
+
+    @property
+    def num_outs(self) -> int:
+        return len(self.convs) + len(self.extra_convs)
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Args:
+            features: backbone outputs by name, each (B, C_i, H_i, W_i).
+
+        Returns:
+            list of ``num_outs`` maps (B, out_channels, h_l, w_l), finest first.
+        """
+        xs = [features[f] for f in self.in_features]
+        outs = [conv(x) for conv, x in zip(self.convs, xs)]
+        last = xs[-1]
+        for conv in self.extra_convs:
+            last = conv(last)
+            outs.append(last)
+        return outs

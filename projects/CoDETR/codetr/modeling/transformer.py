@@ -1,0 +1,322 @@
+"""The DINO transformer of Co-DINO: deformable encoder, two-stage (mixed) query selection, and the
+decoder with iterative box refinement and "look forward twice"."""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from codetr.layers import MultiScaleDeformableAttention
+
+from .denoising import inverse_sigmoid
+from .position_encoding import PositionEmbeddingSine, box_sine_embed
+
+__all__ = [
+    "FFN",
+    "DeformableEncoderLayer",
+    "DeformableEncoder",
+    "DINODecoderLayer",
+    "DINODecoder",
+    "DINOTransformer",
+    "encoder_output_proposals",
+]
+
+
+class FFN(nn.Module):
+    """Linear-ReLU-Linear with residual; ``layers.0.0`` / ``layers.1`` as mmcv's FFN."""
+
+    def __init__(self, embed_dim: int = 256, ffn_dim: int = 2048, dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout)),
+            nn.Linear(ffn_dim, embed_dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x):
+        return x + self.layers(x)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm encoder layer: deformable self-attention -> norm -> FFN -> norm."""
+
+    def __init__(self, embed_dim=256, num_heads=8, num_levels=5, num_points=4, ffn_dim=2048, dropout=0.0):
+        super().__init__()
+        self.attentions = nn.ModuleList([MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)])
+        self.ffns = nn.ModuleList([FFN(embed_dim, ffn_dim, dropout)])
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)])
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query, query_pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        """query, query_pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, C)."""
+        attn = self.attentions[0](query + query_pos, reference_points, query, spatial_shapes, level_start_index, padding_mask)
+        query = self.norms[0](query + self.dropout(attn))
+        return self.norms[1](self.ffns[0](query))
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of :class:`DeformableEncoderLayer`; the first ``num_checkpoint`` layers use activation checkpointing."""
+
+    def __init__(self, num_layers=6, embed_dim=256, num_heads=8, num_levels=5, num_points=4, ffn_dim=2048, dropout=0.0, num_checkpoint=0):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [DeformableEncoderLayer(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout) for _ in range(num_layers)]
+        )
+        self.num_checkpoint = num_checkpoint
+
+    @staticmethod
+    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+        """Pixel centres of every level, normalised by the valid extent: (B, S, L, 2) as (x, y)."""
+        refs = []
+        device = valid_ratios.device
+        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                indexing="ij",
+            )
+            ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+            xs = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+            refs.append(torch.stack((xs, ys), -1))
+        refs = torch.cat(refs, 1)
+        return refs[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, query, query_pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        """query, query_pos: (B, S, C) -> memory (B, S, C)."""
+        ref = self.reference_points(spatial_shapes, valid_ratios).to(query.dtype)
+        for i, layer in enumerate(self.layers):
+            if i < self.num_checkpoint and self.training and torch.is_grad_enabled():
+                query = checkpoint(
+                    layer, query, query_pos, ref, spatial_shapes, level_start_index, padding_mask, use_reentrant=False
+                )
+            else:
+                query = layer(query, query_pos, ref, spatial_shapes, level_start_index, padding_mask)
+        return query
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (module ``attn``) with positional embedding on query/key; returns the residual sum."""
+
+    def __init__(self, embed_dim=256, num_heads=8, dropout=0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query, query_pos, attn_mask=None):
+        q = query + query_pos
+        out = self.attn(q, q, query, attn_mask=attn_mask, need_weights=False)[0]
+        return query + self.dropout(out)
+
+
+class DINODecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention -> norm -> deformable cross-attention -> norm -> FFN -> norm."""
+
+    def __init__(self, embed_dim=256, num_heads=8, num_levels=5, num_points=4, ffn_dim=2048, dropout=0.0):
+        super().__init__()
+        self.attentions = nn.ModuleList(
+            [SelfAttention(embed_dim, num_heads, dropout), MultiScaleDeformableAttention(embed_dim, num_heads, num_levels, num_points)]
+        )
+        self.ffns = nn.ModuleList([FFN(embed_dim, ffn_dim, dropout)])
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask, attn_mask=None):
+        """query, query_pos: (B, N, C); reference_points: (B, N, L, 4); memory: (B, S, C) -> (B, N, C)."""
+        query = self.norms[0](self.attentions[0](query, query_pos, attn_mask))
+        attn = self.attentions[1](query + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+        query = self.norms[1](query + self.dropout(attn))
+        return self.norms[2](self.ffns[0](query))
+
+
+class DINODecoder(nn.Module):
+    """
+    DINO decoder: query positions are an MLP (``ref_point_head``) of the sine embedding of the
+    current reference boxes; after each layer the reference is refined by the layer's regression
+    branch applied to the **un-normalised** output, and detached before the next layer.
+    """
+
+    def __init__(self, num_layers=6, embed_dim=256, num_heads=8, num_levels=5, num_points=4, ffn_dim=2048, dropout=0.0):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [DINODecoderLayer(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout) for _ in range(num_layers)]
+        )
+        self.ref_point_head = nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim))
+        self.norm = nn.LayerNorm(embed_dim)
+        self.embed_dim = embed_dim
+
+    def forward(
+        self, query, reference, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, reg_branches, attn_mask=None
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """
+        Args:
+            query: (B, N, C) content queries; reference: (B, N, 4) normalised cxcywh boxes.
+            memory: (B, S, C); valid_ratios: (B, L, 2); padding_mask: (B, S).
+            reg_branches: one regression MLP per layer.
+            attn_mask: optional (N, N) bool self-attention mask (True = blocked).
+
+        Returns:
+            hidden: (num_layers, B, N, C), the final-LayerNorm'ed output of every layer;
+            references: list of num_layers + 1 tensors (B, N, 4): the initial reference, then each
+            layer's refined boxes (not detached: "look forward twice").
+        """
+        hidden, refs = [], [reference]
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        for lid, layer in enumerate(self.layers):
+            ref_input = reference[:, :, None] * ratios
+            query_pos = self.ref_point_head(box_sine_embed(ref_input[:, :, 0], self.embed_dim // 2, 10000.0, "yxwh"))
+            query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask)
+            new_ref = (reg_branches[lid](query) + inverse_sigmoid(reference, eps=1e-3)).sigmoid()
+            reference = new_ref.detach()
+            hidden.append(self.norm(query))
+            refs.append(new_ref)
+        return torch.stack(hidden), refs
+
+
+def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor):
+    """
+    Two-stage proposals: one box per token at its cell centre (normalised by the valid extent)
+    with w = h = 0.05 * 2^level.
+
+    Returns:
+        output_memory: (B, S, C), memory zeroed at padded or invalid tokens;
+        proposals_unact: (B, S, 4) inverse-sigmoid proposals, +inf at padded or invalid tokens
+        (valid: every coordinate in (0.01, 0.99)).
+    """
+    B = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        m = padding_mask[:, start : start + h * w].view(B, h, w)
+        valid_h = (~m[:, :, 0]).sum(1).to(torch.float32)
+        valid_w = (~m[:, 0, :]).sum(1).to(torch.float32)
+        gy, gx = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.stack([gx, gy], -1)[None]
+        scale = torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+        grid = (grid + 0.5) / scale
+        wh = torch.full_like(grid, 0.05 * (2.0**lvl))
+        proposals.append(torch.cat([grid, wh], -1).view(B, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = padding_mask[..., None] | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    output_memory = memory.masked_fill(invalid, 0.0)
+    return output_memory, proposals
+
+
+class DINOTransformer(nn.Module):
+    """
+    The transformer of the one-to-one branch.
+
+    ``encode`` flattens the multi-scale features (sine position + learned level embedding) and runs
+    the deformable encoder; ``select_queries`` does two-stage mixed query selection (top-K encoder
+    proposals as reference boxes, learned content queries); ``decoder`` is a :class:`DINODecoder`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 5,
+        num_points: int = 4,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        num_queries: int = 900,
+        num_checkpoint: int = 0,
+        pos_temperature: float = 20.0,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_levels = num_levels
+        self.num_queries = num_queries
+        self.position_embedding = PositionEmbeddingSine(embed_dim // 2, temperature=pos_temperature, normalize=True)
+        self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dim))
+        self.encoder = DeformableEncoder(num_encoder_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, num_checkpoint)
+        self.decoder = DINODecoder(num_decoder_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout)
+        self.enc_output = nn.Linear(embed_dim, embed_dim)
+        self.enc_output_norm = nn.LayerNorm(embed_dim)
+        self.query_embed = nn.Embedding(num_queries, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embeds)
+        nn.init.normal_(self.query_embed.weight)
+
+    @staticmethod
+    def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) padding mask -> (B, 2) valid fraction as (w, h)."""
+        _, H, W = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1).to(torch.float32) / H
+        valid_w = (~mask[:, 0, :]).sum(1).to(torch.float32) / W
+        return torch.stack([valid_w, valid_h], -1)
+
+    def encode(self, features: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            features: L maps (B, C, h_l, w_l); masks: L padding masks (B, h_l, w_l), True on padding.
+
+        Returns:
+            dict with ``memory`` (B, S, C), ``spatial_shapes`` (L, 2), ``level_start_index`` (L,),
+            ``valid_ratios`` (B, L, 2), ``mask_flatten`` (B, S).
+        """
+        if len(features) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} feature levels, got {len(features)}")
+        srcs, poss, flat_masks, shapes = [], [], [], []
+        for lvl, (feat, mask) in enumerate(zip(features, masks)):
+            shapes.append(feat.shape[-2:])
+            pos = self.position_embedding(mask).to(feat.dtype)
+            srcs.append(feat.flatten(2).transpose(1, 2))
+            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1).to(feat.dtype))
+            flat_masks.append(mask.flatten(1))
+        src = torch.cat(srcs, 1)
+        pos = torch.cat(poss, 1)
+        mask_flatten = torch.cat(flat_masks, 1)
+        device = src.device
+        spatial_shapes = torch.as_tensor([[int(h), int(w)] for h, w in shapes], dtype=torch.int64, device=device)
+        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask_flatten)
+        return dict(
+            memory=memory,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+            valid_ratios=valid_ratios,
+            mask_flatten=mask_flatten,
+        )
+
+    def select_queries(self, enc_ctx: Dict[str, torch.Tensor], cls_branch: nn.Module, reg_branch: nn.Module, num_queries: Optional[int] = None):
+        """
+        Two-stage mixed query selection.
+
+        Returns:
+            query: (B, K, C) learned content queries; reference: (B, K, 4) detached initial boxes (cxcywh);
+            topk_logits: (B, K, num_classes) and topk_boxes: (B, K, 4) of the encoder proposals (not
+            detached; they feed the encoder loss).
+        """
+        memory, mask = enc_ctx["memory"], enc_ctx["mask_flatten"]
+        K = num_queries or self.num_queries
+        out_memory, proposals = encoder_output_proposals(memory, mask, enc_ctx["spatial_shapes"])
+        out_memory = self.enc_output_norm(self.enc_output(out_memory))
+        enc_logits = cls_branch(out_memory)
+        enc_coords_unact = reg_branch(out_memory) + proposals.to(out_memory.dtype)
+        K = min(K, enc_logits.shape[1])
+        topk = enc_logits.max(-1)[0].topk(K, dim=1)[1]
+        topk_logits = torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))
+        topk_unact = torch.gather(enc_coords_unact, 1, topk[..., None].expand(-1, -1, 4))
+        topk_boxes = topk_unact.sigmoid()
+        query = self.query_embed.weight[:K][None].expand(memory.shape[0], -1, -1)
+        return query, topk_unact.detach().sigmoid(), topk_logits, topk_boxes

@@ -1,0 +1,82 @@
+"""Shared helpers of the DINO tests: a tiny CoDETR and synthetic inputs."""
+import torch
+from torch import nn
+
+from detectron2.modeling.backbone import Backbone
+from detectron2.structures import Boxes, Instances
+
+from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer
+
+
+class TinyBackbone(Backbone):
+    """Three strided conv + GN + ReLU stages: "p1" (stride 4), "p2" (8), "p3" (16)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        chans = [3, width, width, width]
+        strides = [4, 2, 2]
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(chans[i], chans[i + 1], 3 if s == 2 else 4, s, 1 if s == 2 else 0),
+                    nn.GroupNorm(8, chans[i + 1]),
+                    nn.ReLU(),
+                    nn.Conv2d(chans[i + 1], chans[i + 1], 3, 1, 1),
+                    nn.GroupNorm(8, chans[i + 1]),
+                    nn.ReLU(),
+                )
+                for i, s in enumerate(strides)
+            ]
+        )
+
+    def forward(self, x):
+        out = {}
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            out[f"p{i + 1}"] = x
+        return out
+
+
+def tiny_model(num_classes=3, num_queries=20, num_dn_queries=10, num_co_heads=0, embed_dim=64, layers=2, with_attn_mask=True, **head_kwargs):
+    """A CoDETR small enough for CPU tests: 4 levels (strides 4..32), width 64."""
+    backbone = TinyBackbone(32)
+    neck = ChannelMapper(["p1", "p2", "p3"], [32, 32, 32], embed_dim, num_extra=1, kernel_size=1, num_groups=8)
+    transformer = DINOTransformer(
+        embed_dim=embed_dim,
+        num_heads=4,
+        num_levels=4,
+        num_points=2,
+        num_encoder_layers=layers,
+        num_decoder_layers=layers,
+        ffn_dim=2 * embed_dim,
+        num_queries=num_queries,
+    )
+    head = DINOHead(
+        transformer=transformer, num_classes=num_classes, num_dn_queries=num_dn_queries, num_co_heads=num_co_heads, **head_kwargs
+    )
+    return CoDETR(
+        backbone=backbone,
+        neck=neck,
+        query_head=head,
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+        with_attn_mask=with_attn_mask,
+        size_divisibility=32,
+    )
+
+
+def random_input(h, w, n, num_classes=3, name=None, generator=None):
+    """A batched_inputs item with n random (valid) boxes."""
+    g = generator
+    inst = Instances((h, w))
+    if n:
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = 4 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.35, h * 0.35])
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+    else:
+        inst.gt_boxes = Boxes(torch.zeros(0, 4))
+    inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+    x = {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g), "instances": inst, "height": h, "width": w}
+    if name is not None:
+        x["file_name"] = name
+    return x

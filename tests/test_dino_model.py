@@ -1,0 +1,198 @@
+"""CoDETR + DINOHead end to end on CPU: losses, gradients, empty GT, aux passes, bad input, eval output."""
+import copy
+import math
+
+import pytest
+import torch
+
+from detectron2.utils.events import EventStorage
+
+from dino_utils import random_input, tiny_model
+
+NAMES = ("loss_cls", "loss_bbox", "loss_iou")
+
+
+def expected_keys(num_layers):
+    keys = {"enc_" + n for n in NAMES}
+    for lvl in range(num_layers):
+        prefix = "" if lvl == num_layers - 1 else f"d{lvl}."
+        keys |= {prefix + n for n in NAMES} | {prefix + "dn_" + n for n in NAMES}
+    return keys
+
+
+def _batch(seed=0, counts=(3, 1)):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(64, 96), (80, 64), (96, 96)]
+    return [random_input(*sizes[i % 3], n, name=f"img{i}.jpg", generator=g) for i, n in enumerate(counts)]
+
+
+def test_training_step_keys_and_all_gradients():
+    torch.manual_seed(0)
+    model = tiny_model()
+    model.train()
+    with EventStorage():
+        losses = model(_batch())
+    assert set(losses) == expected_keys(2)
+    for k, v in losses.items():
+        assert v.ndim == 0 and torch.isfinite(v), k
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+    # the matched decoder losses of a fresh model are real (not zero) box losses
+    assert losses["loss_bbox"] > 0 and losses["dn_loss_iou"] > 0
+
+
+def test_model_buffers_and_device_move():
+    model = tiny_model()
+    sd = model.state_dict()
+    assert "pixel_mean" not in sd and "pixel_std" not in sd
+    model.to(torch.device("cpu"))
+    assert model.device.type == "cpu"
+
+
+@pytest.mark.parametrize("counts", [(0, 2), (0, 0)])
+def test_empty_ground_truth(counts):
+    torch.manual_seed(1)
+    model = tiny_model()
+    model.train()
+    losses = model(_batch(1, counts))
+    assert set(losses) == expected_keys(2)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    # every parameter stays in the graph even without any GT (DDP find_unused_parameters=False)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+
+
+def test_without_attn_mask_trains_and_infers():
+    torch.manual_seed(2)
+    model = tiny_model(with_attn_mask=False)
+    model.train()
+    losses = model(_batch(2))
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(_batch(2))
+    inst = out[0]["instances"]
+    assert inst.image_size == (64, 96)
+    b = inst.pred_boxes.tensor
+    assert (b[:, 2] <= 96).all() and (b[:, 3] <= 64).all()
+
+
+def test_forward_aux_losses_and_gradients():
+    torch.manual_seed(3)
+    model = tiny_model(num_co_heads=2, lambda_1=1.0)
+    model.train()
+    batch = _batch(3)
+    images, masks, norm_sizes = model.preprocess_image(batch)
+    targets = model.prepare_targets(batch, [x["instances"] for x in batch], norm_sizes)
+    feats = model.neck(model.backbone(images.tensor))
+    _, enc_ctx = model.query_head(feats, masks, targets, norm_sizes)
+    for key in ("memory", "spatial_shapes", "level_start_index", "valid_ratios", "mask_flatten", "image_sizes"):
+        assert key in enc_ctx
+    B, N = 2, 9
+    assert enc_ctx["memory"].shape[0] == B and enc_ctx["mask_flatten"].shape == enc_ctx["memory"].shape[:2]
+    memory = enc_ctx["memory"]
+    memory.retain_grad()
+    ref = torch.rand(B, N, 4) * 0.4 + 0.3
+    query = model.query_head.aux_query_content(ref, 1)
+    assert query.shape == (B, N, 64)
+    labels = torch.randint(0, 4, (B, N))
+    aux_targets = dict(
+        labels=labels,
+        label_weights=torch.ones(B, N),
+        boxes=torch.rand(B, N, 4) * 0.4 + 0.3,
+        box_weights=(labels < 3).float(),
+    )
+    losses = model.query_head.forward_aux(enc_ctx, query, ref, aux_targets, 1)
+    keys = {f"{p}{n}_aux1" for p in ("", "d0.") for n in NAMES}
+    assert set(losses) == keys
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert memory.grad is not None and memory.grad.abs().sum() > 0
+    dec = model.query_head.transformer.decoder.layers[0]
+    assert dec.attentions[1].value_proj.weight.grad.abs().sum() > 0
+    assert model.query_head.aux_pos_trans[1].weight.grad.abs().sum() > 0
+    assert model.query_head.aux_pos_trans[0].weight.grad is None
+    with pytest.raises(ValueError, match="head_idx"):
+        model.query_head.aux_query_content(ref, 2)
+
+
+def test_lambda_1_scales_aux_losses():
+    torch.manual_seed(4)
+    model = tiny_model(num_co_heads=1)
+    model.train()
+    batch = _batch(4)
+    images, masks, ns = model.preprocess_image(batch)
+    targets = model.prepare_targets(batch, [x["instances"] for x in batch], ns)
+    with torch.no_grad():
+        feats = model.neck(model.backbone(images.tensor))
+        _, ctx = model.query_head(feats, masks, targets, ns)
+        ref = torch.rand(2, 9, 4) * 0.4 + 0.3
+        q = model.query_head.aux_query_content(ref, 0)
+        t = dict(labels=torch.randint(0, 4, (2, 9)), label_weights=torch.ones(2, 9), boxes=torch.rand(2, 9, 4) * 0.4 + 0.3, box_weights=torch.ones(2, 9))
+        a = model.query_head.forward_aux(ctx, q, ref, t, 0)
+        model.query_head.lambda_1 = 2.5
+        b = model.query_head.forward_aux(ctx, q, ref, t, 0)
+    for k in a:
+        torch.testing.assert_close(b[k], 2.5 * a[k])
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda inst: inst.gt_classes.fill_(7), "outside"),
+        (lambda inst: inst.gt_classes.fill_(-1), "outside"),
+        (lambda inst: inst.gt_boxes.tensor.__setitem__((0, 0), float("nan")), "NaN"),
+        (lambda inst: inst.gt_boxes.tensor.__setitem__((0, 2), inst.gt_boxes.tensor[0, 0]), "degenerate"),
+        (lambda inst: inst.gt_boxes.tensor.__setitem__((0, 3), inst.gt_boxes.tensor[0, 1] - 3), "degenerate"),
+    ],
+)
+def test_bad_annotations_name_the_image(corrupt, message):
+    model = tiny_model()
+    model.train()
+    batch = _batch(5, counts=(2, 2))
+    corrupt(batch[1]["instances"])
+    with pytest.raises(ValueError, match=message) as e:
+        model(batch)
+    assert "img1.jpg" in str(e.value)
+
+
+def test_bad_annotations_without_file_name_use_batch_index():
+    model = tiny_model()
+    model.train()
+    batch = _batch(6, counts=(2, 2))
+    for x in batch:
+        del x["file_name"]
+    batch[0]["instances"].gt_classes[0] = 3
+    with pytest.raises(ValueError, match="#0"):
+        model(batch)
+
+
+def test_autocast_bf16_training_step_is_finite():
+    torch.manual_seed(7)
+    model = tiny_model()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_batch(7))
+    assert all(torch.isfinite(v.float()) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_eval_output_and_postprocess():
+    torch.manual_seed(8)
+    model = tiny_model(max_per_img=15)
+    model.eval()
+    batch = _batch(8)
+    batch[0]["height"], batch[0]["width"] = 128, 192  # original twice the input size
+    with torch.no_grad():
+        out = model(batch)
+    assert len(out) == 2
+    inst = out[0]["instances"]
+    assert inst.image_size == (128, 192)
+    assert set(inst.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+    assert len(inst) <= 15
+    b = inst.pred_boxes.tensor
+    assert (b[:, 0] >= 0).all() and (b[:, 2] <= 192).all() and (b[:, 3] <= 128).all()
+    assert (inst.scores[:-1] >= inst.scores[1:]).all()
+    assert inst.pred_classes.dtype == torch.int64 and inst.pred_classes.max() < 3
