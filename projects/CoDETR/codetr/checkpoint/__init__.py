@@ -1,4 +1,5 @@
-"""codetr.checkpoint: official (mmdet) checkpoint conversion."""
+"""codetr.checkpoint: official (mmdet) checkpoint conversion and ``CoDETRCheckpointer`` (atomic saves)."""
+from .checkpointer import CoDETRCheckpointer, atomic_torch_save, atomic_write_text
 from .official import (
     ConversionReport,
     OfficialCheckpointError,
@@ -11,9 +12,12 @@ from .official import (
 )
 
 __all__ = [
+    "CoDETRCheckpointer",
     "ConversionReport",
     "OfficialCheckpointError",
     "OfficialCheckpointMixin",
+    "atomic_torch_save",
+    "atomic_write_text",
     "convert_official_checkpoint",
     "convert_official_state_dict",
     "is_official_state_dict",

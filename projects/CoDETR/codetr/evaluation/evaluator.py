@@ -1,0 +1,47 @@
+"""Detection evaluators with the number of detections per image set explicitly.
+
+Co-DINO keeps its top 300 boxes per image (1000 for the ViT-L configs), but detectron2's
+``COCOEvaluator`` scores only the top 100 unless ``max_dets_per_image`` is passed, and the official LVIS
+numbers use up to 1000 detections per image where ``LVISEvaluator`` defaults to 300. One value,
+``max_dets_per_image``, sets both; configs tie it to the model's top-k.
+"""
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+
+from ..data.checks import check_dataset_registered
+
+__all__ = ["build_detection_evaluator"]
+
+
+def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, output_dir=None,
+                              distributed: bool = True):
+    """COCOEvaluator or LVISEvaluator (by the dataset's ``evaluator_type``) for boxes.
+
+    Args:
+        dataset_name: a registered detectron2 dataset name.
+        max_dets_per_image: detections per image that count for AP (COCO: maxDets becomes
+            [1, 10, max_dets_per_image]; LVIS: LVISResults(max_dets=...)). 300 for Co-DINO on COCO,
+            1000 for the official LVIS protocol.
+        output_dir: where the evaluator writes predictions (optional).
+        distributed: gather predictions from all processes before evaluating.
+    """
+    check_dataset_registered(dataset_name)
+    if isinstance(max_dets_per_image, bool) or not isinstance(max_dets_per_image, int) or max_dets_per_image < 1:
+        raise ValueError(f"max_dets_per_image must be a positive int, got {max_dets_per_image!r}")
+    meta = MetadataCatalog.get(dataset_name)
+    params = meta.get("synthetic_params")
+    if params is not None:  # make sure the json file exists before the evaluator reads it
+        from ..data.synthetic import ensure_synthetic_dataset
+
+        ensure_synthetic_dataset(**params)
+    evaluator_type = meta.get("evaluator_type", "coco")
+    if evaluator_type == "lvis":
+        return LVISEvaluator(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir,
+                             max_dets_per_image=max_dets_per_image)
+    if evaluator_type == "coco":
+        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir,
+                             max_dets_per_image=max_dets_per_image)
+    raise ValueError(
+        f"dataset {dataset_name!r} has evaluator_type={evaluator_type!r}; only 'coco' and 'lvis' box "
+        "evaluation are supported here"
+    )
