@@ -205,16 +205,88 @@ def test_checkpointer_hook_recognises_official_files(tmp_path):
     assert maybe_convert_official_file(native, model) is None
 
 
-def test_cli_help_and_conversion(tmp_path):
+def test_cli_help_and_conversion(tmp_path, capsys):
+    import importlib.util
+
     tool = os.path.join(REPO, "tools", "convert_official_checkpoint.py")
-    r = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--config-file" in r.stdout and "--allow-unmapped" in r.stdout
+    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     src = str(tmp_path / "in.pth")
-    torch.save({"state_dict": {"backbone.blocks.0.mlp.w1.weight": torch.ones(2, 2)}, "meta": {}}, src)
+    torch.save({"state_dict": {"backbone.blocks.0.mlp.w1.weight": torch.ones(2, 2)}, "meta": {"epoch": 1}}, src)
     dst = str(tmp_path / "out.pth")
-    r = subprocess.run([sys.executable, tool, src, dst, "--no-check"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert cli.main([src, dst, "--no-check"]) == 0
     assert list(torch.load(dst, weights_only=True)["model"]) == ["backbone.blocks.0.mlp.fc1_g.weight"]
-    r = subprocess.run([sys.executable, tool, str(tmp_path / "missing.pth"), dst, "--no-check"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert cli.main([str(tmp_path / "missing.pth"), dst, "--no-check"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # neither a config to check against nor an explicit --no-check
+        cli.main([src, dst])
+
+
+def co_dino_r50_model():
+    """Our full Co-DINO R50 (one-to-one head + collaborative branch with the Faster R-CNN and ATSS heads)."""
+    from detectron2.config import LazyCall as L
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "co_dino_r50.py"))
+    if cfg.model.get("collaborative") is None:  # wire the auxiliary heads if the config does not (yet)
+        from codetr.modeling.atss import ATSSHead
+        from codetr.modeling.collaborative import CollaborativeBranch
+        from codetr.modeling.rcnn import RCNNBranch
+
+        cfg.model.query_head.num_co_heads = 2
+        cfg.model.collaborative = L(CollaborativeBranch)(
+            aux_heads=[L(RCNNBranch)(num_classes=80), L(ATSSHead)(num_classes=80)], num_classes=80
+        )
+    return instantiate(cfg.model)
+
+
+def test_full_official_co_dino_r50_layout_loads_with_zero_missing_and_unexpected():
+    official = random_state_dict(read_tsv(R50_TSV))
+    assert len(official) == 674
+    model = co_dino_r50_model()
+    out, report = convert_official_state_dict(official, model.state_dict())
+    assert report.ok, report.summary()
+    assert set(report.ignored) == {k for k in official if k.endswith("num_batches_tracked")}
+    missing, unexpected = model.load_state_dict(out, strict=True)
+    assert not missing and not unexpected
+    qh, co = model.query_head, model.collaborative
+    # identical names / layouts (MultiheadAttention in_proj packing is the same as mmcv's)
+    assert torch.equal(qh.transformer.decoder.layers[2].attentions[0].attn.in_proj_weight,
+                       official["query_head.transformer.decoder.layers.2.attentions.0.attn.in_proj_weight"])
+    assert torch.equal(qh.aux_pos_trans[1].weight, official["query_head.transformer.aux_pos_trans.1.weight"])
+    assert torch.equal(co.downsample[1].bias, official["query_head.downsample.1.bias"])
+    rcnn, atss = co.aux_heads[0], co.aux_heads[1]
+    assert torch.equal(rcnn.roi_heads.box_head.fc2.weight, official["roi_head.0.bbox_head.shared_fcs.1.weight"])
+    assert torch.equal(rcnn.roi_heads.box_predictor.cls_score.bias, official["roi_head.0.bbox_head.fc_cls.bias"])
+    assert torch.equal(atss.scales[5].scale, official["bbox_head.0.scales.5.scale"])
+    # RPN outputs: anchor order changes from ratio-major (mmdet) to size-major (detectron2)
+    off_cls = official["rpn_head.rpn_cls.weight"]
+    ours_cls = rcnn.rpn.rpn_head.objectness_logits.weight
+    for s in range(3):
+        for r in range(3):
+            assert torch.equal(ours_cls[s * 3 + r], off_cls[r * 3 + s])
+            assert torch.equal(rcnn.rpn.rpn_head.anchor_deltas.bias[(s * 3 + r) * 4:(s * 3 + r) * 4 + 4],
+                               official["rpn_head.rpn_reg.bias"][(r * 3 + s) * 4:(r * 3 + s) * 4 + 4])
+
+
+def test_rpn_anchor_order_matches_anchor_geometry():
+    """mmdet's base anchors (ratio-major, written from its formula) vs detectron2's cell anchors."""
+    from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+
+    from codetr.checkpoint.official import rpn_anchor_permutation
+
+    stride, base, ratios, S = 8, 4.0, [0.5, 1.0, 2.0], 3
+    scales = torch.tensor([base * 2 ** (k / S) for k in range(S)], dtype=torch.float64)
+    h_r = torch.tensor(ratios, dtype=torch.float64).sqrt()
+    ws = (stride / h_r[:, None] * scales[None, :]).reshape(-1)  # mmdet: w * w_ratios[:, None] * scales[None, :]
+    hs = (stride * h_r[:, None] * scales[None, :]).reshape(-1)
+    gen = DefaultAnchorGenerator(sizes=[[float(stride * s) for s in scales]], aspect_ratios=[ratios],
+                                 strides=[stride], offset=0.0)
+    cell = list(gen.cell_anchors)[0].double()
+    d2_w, d2_h = cell[:, 2] - cell[:, 0], cell[:, 3] - cell[:, 1]
+    perm = rpn_anchor_permutation(len(ratios), S)
+    torch.testing.assert_close(d2_w, ws[perm], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(d2_h, hs[perm], rtol=1e-5, atol=1e-4)

@@ -66,8 +66,53 @@ _VIT_RULES: List[Rule] = [
 # Swin (official projects/models/swin_transformer.py) and Detectron2's Swin share their names: identity.
 # Necks (ChannelMapper convs/extra_convs with conv/gn; SFP p2..p6) and the one-to-one query head keep their names.
 
-# auxiliary branch (collaborative.py): official top-level heads -> ours; filled in by _AUX_RULES below
-_AUX_RULES: List[Rule] = []
+# One-to-one head: the positive-query projections live in the official transformer, in our DINOHead.
+_HEAD_RULES: List[Rule] = [
+    (r"^query_head\.transformer\.(aux_pos_trans(?:_norm)?\.\d+\.\w+)$", r"query_head.\1"),
+    # the extra stride-2 map of the auxiliary heads (conv + GN) belongs to our collaborative branch
+    (r"^query_head\.downsample\.(\d+\.\w+)$", r"collaborative.downsample.\1"),
+]
+
+
+def _aux_rules(num_roi_heads: int) -> List[Rule]:
+    """Auxiliary heads: official ``roi_head.{i}`` (with the shared ``rpn_head``) and ``bbox_head.{j}`` become our
+    ``collaborative.aux_heads.{i}`` (an RCNNBranch: detectron2 RPN + StandardROIHeads) and
+    ``collaborative.aux_heads.{num_roi_heads + j}`` (ATSSHead, same names)."""
+    return [
+        (r"^rpn_head\.rpn_conv\.(\w+)$", r"collaborative.aux_heads.0.rpn.rpn_head.conv.\1"),
+        (r"^rpn_head\.rpn_cls\.(\w+)$", r"collaborative.aux_heads.0.rpn.rpn_head.objectness_logits.\1"),
+        (r"^rpn_head\.rpn_reg\.(\w+)$", r"collaborative.aux_heads.0.rpn.rpn_head.anchor_deltas.\1"),
+        (r"^roi_head\.(\d+)\.bbox_head\.shared_fcs\.(\d+)\.(\w+)$",
+         lambda m: f"collaborative.aux_heads.{m[1]}.roi_heads.box_head.fc{int(m[2]) + 1}.{m[3]}"),
+        (r"^roi_head\.(\d+)\.bbox_head\.shared_convs\.(\d+)\.conv\.(\w+)$",
+         lambda m: f"collaborative.aux_heads.{m[1]}.roi_heads.box_head.conv{int(m[2]) + 1}.{m[3]}"),
+        (r"^roi_head\.(\d+)\.bbox_head\.shared_convs\.(\d+)\.gn\.(\w+)$",
+         lambda m: f"collaborative.aux_heads.{m[1]}.roi_heads.box_head.conv{int(m[2]) + 1}.norm.{m[3]}"),
+        (r"^roi_head\.(\d+)\.bbox_head\.fc_cls\.(\w+)$", r"collaborative.aux_heads.\1.roi_heads.box_predictor.cls_score.\2"),
+        (r"^roi_head\.(\d+)\.bbox_head\.fc_reg\.(\w+)$", r"collaborative.aux_heads.\1.roi_heads.box_predictor.bbox_pred.\2"),
+        (r"^bbox_head\.(\d+)\.(.+)$", lambda m: f"collaborative.aux_heads.{num_roi_heads + int(m[1])}.{m[2]}"),
+    ]
+
+
+def rpn_anchor_permutation(num_ratios: int, num_scales: int) -> torch.Tensor:
+    """Index ``perm`` with ``ours[k] = official[perm[k]]`` over the anchors of one location.
+
+    mmdet's AnchorGenerator (scale_major=True) orders a location's anchors ratio-major (``r * S + s``); Detectron2's
+    DefaultAnchorGenerator size-major (``s * R + r``)."""
+    s = torch.arange(num_scales).repeat_interleave(num_ratios)
+    r = torch.arange(num_ratios).repeat(num_scales)
+    return r * num_scales + s
+
+
+def _permute_rpn(value: torch.Tensor, per_anchor: int, num_ratios: int, num_scales: int) -> torch.Tensor:
+    A = num_ratios * num_scales
+    if value.shape[0] != A * per_anchor:
+        raise OfficialCheckpointError(
+            f"RPN output has {value.shape[0]} channels, expected {A} anchors x {per_anchor}"
+        )
+    perm = rpn_anchor_permutation(num_ratios, num_scales)
+    v = value.reshape(A, per_anchor, *value.shape[1:])[perm]
+    return v.reshape(value.shape).clone()
 
 # keys without learnable state, dropped on purpose (pattern, reason)
 _IGNORED: List[Tuple[str, str]] = [
@@ -97,7 +142,7 @@ def _detect_backbone(keys) -> str:
     return "unknown"
 
 
-def official_to_ours_key(key: str, backbone: str) -> Tuple[Optional[str], Optional[str]]:
+def official_to_ours_key(key: str, backbone: str, num_roi_heads: int = 1) -> Tuple[Optional[str], Optional[str]]:
     """Map one official key. Returns ``(our_key, None)``, or ``(None, reason)`` for a key dropped on purpose."""
     for pattern, reason in _IGNORED:
         if re.search(pattern, key):
@@ -105,7 +150,9 @@ def official_to_ours_key(key: str, backbone: str) -> Tuple[Optional[str], Option
     rules = {"resnet": _RESNET_RULES, "vit": _VIT_RULES}.get(backbone, [])
     new = _apply(rules, key) if key.startswith("backbone.") else None
     if new is None:
-        new = _apply(_AUX_RULES, key)
+        new = _apply(_HEAD_RULES, key)
+    if new is None:
+        new = _apply(_aux_rules(num_roi_heads), key)
     return (new if new is not None else key), None
 
 
@@ -204,6 +251,7 @@ def convert_official_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     target: Optional[Mapping[str, torch.Tensor]] = None,
     strict: bool = True,
+    rpn_anchor_shape: Tuple[int, int] = (3, 3),
 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """Rename an official state dict to our names.
 
@@ -212,11 +260,17 @@ def convert_official_state_dict(
         target: our model's ``state_dict()`` (or any key -> tensor mapping); when given, keys and shapes are checked.
         strict: raise :class:`OfficialCheckpointError` when (with a target) a key is unexpected or missing or a shape
             differs. With ``strict=False`` unexpected keys are left out of the result and the report lists everything.
+        rpn_anchor_shape: (number of aspect ratios, number of scales) of the RPN anchors per location (official
+            Co-DINO: 3 ratios x 3 octave scales); the RPN's output channels are reordered to Detectron2's anchor order.
     """
     report = ConversionReport(backbone=_detect_backbone(state_dict.keys()))
+    roi_ids = {int(m[1]) for m in (re.match(r"^roi_head\.(\d+)\.", k) for k in state_dict) if m}
+    num_roi_heads = max(roi_ids) + 1 if roi_ids else 0
     out: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        new, reason = official_to_ours_key(key, report.backbone)
+        new, reason = official_to_ours_key(key, report.backbone, num_roi_heads)
+        if key.startswith("rpn_head.rpn_cls.") or key.startswith("rpn_head.rpn_reg."):
+            value = _permute_rpn(value, 1 if ".rpn_cls." in key else 4, *rpn_anchor_shape)
         if new is None:
             report.ignored[key] = reason
             continue
