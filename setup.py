@@ -32,7 +32,7 @@ def get_extensions():
     extra_compile_args = {"cxx": ["-O3"]}
     define_macros = []
     extension = CppExtension
-    if _want_cuda():
+    if _want_cuda() and cuda_sources:
         if CUDA_HOME is None:
             raise RuntimeError(
                 "FORCE_CUDA=1 but torch cannot find the CUDA toolkit: set CUDA_HOME to the toolkit "
