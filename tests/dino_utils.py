@@ -37,10 +37,12 @@ class TinyBackbone(Backbone):
         return out
 
 
-def tiny_model(num_classes=3, num_queries=20, num_dn_queries=10, num_co_heads=0, embed_dim=64, layers=2, with_attn_mask=True, **head_kwargs):
+def tiny_model(
+    num_classes=3, num_queries=20, num_dn_queries=10, num_co_heads=0, embed_dim=64, layers=2, with_attn_mask=True, width=32, **head_kwargs
+):
     """A CoDETR small enough for CPU tests: 4 levels (strides 4..32), width 64."""
-    backbone = TinyBackbone(32)
-    neck = ChannelMapper(["p1", "p2", "p3"], [32, 32, 32], embed_dim, num_extra=1, kernel_size=1, num_groups=8)
+    backbone = TinyBackbone(width)
+    neck = ChannelMapper(["p1", "p2", "p3"], [width] * 3, embed_dim, num_extra=1, kernel_size=1, num_groups=8)
     transformer = DINOTransformer(
         embed_dim=embed_dim,
         num_heads=4,

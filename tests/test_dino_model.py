@@ -112,8 +112,8 @@ def test_forward_aux_losses_and_gradients():
     assert memory.grad is not None and memory.grad.abs().sum() > 0
     dec = model.query_head.transformer.decoder.layers[0]
     assert dec.attentions[1].value_proj.weight.grad.abs().sum() > 0
-    assert model.query_head.aux_pos_trans[1].weight.grad.abs().sum() > 0
-    assert model.query_head.aux_pos_trans[0].weight.grad is None
+    assert model.query_head.transformer.aux_pos_trans[1].weight.grad.abs().sum() > 0
+    assert model.query_head.transformer.aux_pos_trans[0].weight.grad is None
     with pytest.raises(ValueError, match="head_idx"):
         model.query_head.aux_query_content(ref, 2)
 

@@ -91,7 +91,8 @@ class DINOHead(nn.Module):
         cls_loss: "qfl" (quality focal loss, Co-DINO) or "focal" (sigmoid focal loss).
         lambda_1: weight of the positive-query (auxiliary) decoder passes.
         num_co_heads: number of auxiliary heads, i.e. of positive-query projections
-            ``aux_pos_trans[i]`` (Linear 2C->C) + ``aux_pos_trans_norm[i]`` (LayerNorm); 0 for DINO.
+            ``transformer.aux_pos_trans[i]`` (Linear 2C->C) + ``transformer.aux_pos_trans_norm[i]``
+            (LayerNorm); 0 for DINO (no such parameters).
         max_per_img: detections kept per image; soft_nms: apply class-aware soft-NMS at test time.
     """
 
@@ -144,8 +145,8 @@ class DINOHead(nn.Module):
         self.focal_gamma = focal_gamma
         self.lambda_1 = lambda_1
         self.num_co_heads = num_co_heads
-        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * C, C) for _ in range(num_co_heads)])
-        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(C) for _ in range(num_co_heads)])
+        # the projections live in the transformer, as in the official model (transformer.aux_pos_trans.i)
+        transformer.add_aux_projections(num_co_heads)
         self.max_per_img = max_per_img
         self.soft_nms = soft_nms
         self.soft_nms_cfg = dict(
@@ -160,8 +161,6 @@ class DINOHead(nn.Module):
         for m in self.reg_branches:
             nn.init.constant_(m[-1].weight, 0.0)
             nn.init.constant_(m[-1].bias, 0.0)
-        for m in self.aux_pos_trans:
-            nn.init.xavier_uniform_(m.weight)
 
     # ------------------------------------------------------------------ shared pieces
     def level_masks(self, masks: torch.Tensor, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -351,7 +350,8 @@ class DINOHead(nn.Module):
         if not 0 <= head_idx < self.num_co_heads:
             raise ValueError(f"head_idx {head_idx} out of range for num_co_heads={self.num_co_heads}")
         emb = box_sine_embed(ref_boxes.clamp(0.0, 1.0), self.embed_dim // 2, 10000.0, "xywh")
-        return self.aux_pos_trans_norm[head_idx](self.aux_pos_trans[head_idx](emb))
+        t = self.transformer
+        return t.aux_pos_trans_norm[head_idx](t.aux_pos_trans[head_idx](emb))
 
     def forward_aux(
         self,

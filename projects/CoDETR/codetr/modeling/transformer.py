@@ -244,7 +244,20 @@ class DINOTransformer(nn.Module):
         self.enc_output = nn.Linear(embed_dim, embed_dim)
         self.enc_output_norm = nn.LayerNorm(embed_dim)
         self.query_embed = nn.Embedding(num_queries, embed_dim)
+        # positive-query projections of Co-DINO's auxiliary heads (see add_aux_projections)
+        self.aux_pos_trans = nn.ModuleList()
+        self.aux_pos_trans_norm = nn.ModuleList()
         self.reset_parameters()
+
+    def add_aux_projections(self, num_co_heads: int):
+        """Create (or re-create) ``num_co_heads`` projections Linear(2C -> C) + LayerNorm(C) of the
+        positive queries' box embeddings; called by the query head that owns this transformer."""
+        C = self.embed_dim
+        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * C, C) for _ in range(num_co_heads)])
+        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(C) for _ in range(num_co_heads)])
+        for m in self.aux_pos_trans:
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def reset_parameters(self):
         for p in self.parameters():
