@@ -10,7 +10,7 @@
 // Sampling is bilinear with zero padding and align_corners=False semantics: the pixel coordinate of a
 // normalised x is x * w - 0.5.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 

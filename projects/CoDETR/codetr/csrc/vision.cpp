@@ -1,4 +1,6 @@
 // The codetr._C extension module: multi-scale deformable attention, dispatched on value's device.
+#include <torch/extension.h>
+
 #include "ms_deform_attn.h"
 
 namespace codetr {
