@@ -256,7 +256,7 @@ def test_full_official_co_dino_r50_layout_loads_with_zero_missing_and_unexpected
     # identical names / layouts (MultiheadAttention in_proj packing is the same as mmcv's)
     assert torch.equal(qh.transformer.decoder.layers[2].attentions[0].attn.in_proj_weight,
                        official["query_head.transformer.decoder.layers.2.attentions.0.attn.in_proj_weight"])
-    assert torch.equal(qh.aux_pos_trans[1].weight, official["query_head.transformer.aux_pos_trans.1.weight"])
+    assert torch.equal(qh.transformer.aux_pos_trans[1].weight, official["query_head.transformer.aux_pos_trans.1.weight"])
     assert torch.equal(co.downsample[1].bias, official["query_head.downsample.1.bias"])
     rcnn, atss = co.aux_heads[0], co.aux_heads[1]
     assert torch.equal(rcnn.roi_heads.box_head.fc2.weight, official["roi_head.0.bbox_head.shared_fcs.1.weight"])

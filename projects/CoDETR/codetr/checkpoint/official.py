@@ -66,9 +66,8 @@ _VIT_RULES: List[Rule] = [
 # Swin (official projects/models/swin_transformer.py) and Detectron2's Swin share their names: identity.
 # Necks (ChannelMapper convs/extra_convs with conv/gn; SFP p2..p6) and the one-to-one query head keep their names.
 
-# One-to-one head: the positive-query projections live in the official transformer, in our DINOHead.
+# One-to-one head: names kept (the positive-query projections live in query_head.transformer, as officially).
 _HEAD_RULES: List[Rule] = [
-    (r"^query_head\.transformer\.(aux_pos_trans(?:_norm)?\.\d+\.\w+)$", r"query_head.\1"),
     # the extra stride-2 map of the auxiliary heads (conv + GN) belongs to our collaborative branch
     (r"^query_head\.downsample\.(\d+\.\w+)$", r"collaborative.downsample.\1"),
 ]

@@ -336,6 +336,16 @@ class DINOHead(nn.Module):
         return losses, enc_ctx
 
     # ------------------------------------------------------------------ positive queries (collaborative branch)
+    @property
+    def aux_pos_trans(self) -> nn.ModuleList:
+        """The positive-query projections (registered as ``transformer.aux_pos_trans``)."""
+        return self.transformer.aux_pos_trans
+
+    @property
+    def aux_pos_trans_norm(self) -> nn.ModuleList:
+        """Their LayerNorms (registered as ``transformer.aux_pos_trans_norm``)."""
+        return self.transformer.aux_pos_trans_norm
+
     def aux_query_content(self, ref_boxes: torch.Tensor, head_idx: int) -> torch.Tensor:
         """
         Co-DINO's content queries for positive queries of auxiliary head ``head_idx``:
