@@ -1,4 +1,5 @@
 """Shared helpers of the DINO tests: a tiny CoDETR and synthetic inputs."""
+import pytest
 import torch
 from torch import nn
 
@@ -82,3 +83,12 @@ def random_input(h, w, n, num_classes=3, name=None, generator=None):
     if name is not None:
         x["file_name"] = name
     return x
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the tests' tiny matrices run faster, and immune to spin-waiting on a loaded CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

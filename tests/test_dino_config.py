@@ -8,6 +8,9 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dino_utils import one_thread  # noqa: F401,E402 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import torch
 
 from detectron2.utils.events import EventStorage
 
-from dino_utils import random_input, tiny_model
+from dino_utils import one_thread, random_input, tiny_model  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ("loss_cls", "loss_bbox", "loss_iou")
 
@@ -196,3 +198,25 @@ def test_eval_output_and_postprocess():
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 192).all() and (b[:, 3] <= 128).all()
     assert (inst.scores[:-1] >= inst.scores[1:]).all()
     assert inst.pred_classes.dtype == torch.int64 and inst.pred_classes.max() < 3
+
+
+def test_same_number_of_normaliser_all_reduces_with_and_without_gt(monkeypatch):
+    """Under DDP every process must run the same collectives, whatever its ground truth."""
+    import codetr.modeling.dino_head as dino_head
+
+    calls = []
+    real = dino_head.all_reduce_normalizer
+
+    def counting(num, device=None):
+        calls.append(1)
+        return real(num, device)
+
+    monkeypatch.setattr(dino_head, "all_reduce_normalizer", counting)
+    model = tiny_model()
+    model.train()
+    counts = []
+    for gt in [(3, 1), (0, 0), (0, 2)]:
+        calls.clear()
+        model(_batch(9, gt))
+        counts.append(len(calls))
+    assert counts[0] == counts[1] == counts[2] == 1 + 2 * 2  # encoder, then matching + denoising per layer

@@ -2,13 +2,14 @@
 import resource
 import time
 
+import pytest
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BoxMode, Boxes, Instances
 
-from dino_utils import tiny_model
+from dino_utils import one_thread, tiny_model  # noqa: F401 (fixture)
 
 COLORS = torch.tensor([[230, 40, 40], [40, 230, 40], [40, 40, 230]], dtype=torch.uint8)
 DATASET = "codetr_test_dino_overfit"
@@ -58,7 +59,7 @@ def evaluate(model, inputs, evaluator):
     return evaluator.evaluate()["bbox"]
 
 
-def test_tiny_dino_overfits_to_ap50(tmp_path):
+def test_tiny_dino_overfits_to_ap50(tmp_path, one_thread):
     torch.manual_seed(0)
     inputs, dicts = make_data()
     if DATASET in DatasetCatalog.list():

@@ -19,6 +19,9 @@ from codetr.modeling import (
 )
 from codetr.modeling.losses import weighted_giou_loss, weighted_l1_loss
 from codetr.modeling.transformer import encoder_output_proposals
+from dino_utils import one_thread  # noqa: F401,E402 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- float64 references

@@ -317,20 +317,16 @@ class DINOHead(nn.Module):
         for n, v in zip(names, self.match_loss(enc_logits, enc_boxes, targets)):
             losses["enc_" + n] = v
         num_layers = logits.shape[0]
-        dn_targets = None
-        if P > 0:
-            dn_labels, dn_boxes, dn_w = self.dn_generator.dn_targets(targets, dn_meta, self.num_classes)
-            dn_targets = (dn_labels, torch.ones_like(dn_w), dn_boxes, dn_w, sum(len(t["labels"]) for t in targets) * dn_meta["num_groups"])
+        # with P == 0 the denoising losses are zeros that still take part in the normaliser's all-reduce,
+        # so that every process runs the same collectives whatever its ground truth
+        dn_labels, dn_boxes, dn_w = self.dn_generator.dn_targets(targets, dn_meta, self.num_classes)
+        dn_targets = (dn_labels, torch.ones_like(dn_w), dn_boxes, dn_w, sum(len(t["labels"]) for t in targets) * dn_meta["num_groups"])
         for lvl in range(num_layers):
             prefix = "" if lvl == num_layers - 1 else f"d{lvl}."
             vals = self.match_loss(logits[lvl, :, P:], boxes[lvl, :, P:], targets)
             for n, v in zip(names, vals):
                 losses[prefix + n] = v
-            if dn_targets is not None:
-                vals = self.loss_from_targets(logits[lvl, :, :P], boxes[lvl, :, :P], *dn_targets)
-            else:
-                zero = logits[lvl].sum() * 0.0
-                vals = (zero, zero, zero)
+            vals = self.loss_from_targets(logits[lvl, :, :P], boxes[lvl, :, :P], *dn_targets)
             for n, v in zip(names, vals):
                 losses[prefix + "dn_" + n] = v
         return losses, enc_ctx
