@@ -220,3 +220,41 @@ def test_same_number_of_normaliser_all_reduces_with_and_without_gt(monkeypatch):
         model(_batch(9, gt))
         counts.append(len(calls))
     assert counts[0] == counts[1] == counts[2] == 1 + 2 * 2  # encoder, then matching + denoising per layer
+
+
+def test_activation_checkpointing_gives_same_losses_and_gradients():
+    batch = _batch(10)
+    results = []
+    for num_checkpoint in (0, 2):
+        torch.manual_seed(10)
+        model = tiny_model()
+        model.query_head.transformer.encoder.num_checkpoint = num_checkpoint
+        model.train()
+        torch.manual_seed(11)  # same denoising noise
+        losses = model(batch)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    for k in l0:
+        torch.testing.assert_close(l0[k], l1[k])
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-4, atol=1e-6)
+
+
+def test_inference_without_soft_nms_is_plain_topk():
+    torch.manual_seed(12)
+    model = tiny_model(num_queries=20, soft_nms=False, max_per_img=25)
+    model.eval()
+    batch = _batch(12)
+    with torch.no_grad():
+        images, masks, ns = model.preprocess_image(batch)
+        logits, boxes = model.query_head(model.neck(model.backbone(images.tensor)), masks, None, ns)
+        dets = model.query_head.inference(logits, boxes, ns)
+    assert logits.shape == (2, 20, 3) and boxes.shape == (2, 20, 4)
+    for b in range(2):
+        ref = torch.sort(logits[b].sigmoid().flatten(), descending=True)[0][:25]
+        torch.testing.assert_close(dets[b]["scores"], ref)
+        flat = logits[b].sigmoid().flatten()
+        idx = torch.stack([torch.nonzero(flat == s)[0, 0] for s in dets[b]["scores"]])
+        assert torch.equal(dets[b]["labels"], idx % 3)
