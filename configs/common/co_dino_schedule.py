@@ -21,7 +21,7 @@ optimizer = L(torch.optim.AdamW)(
 ITERS_PER_EPOCH = 7330
 lr_multiplier = L(MultiStepParamScheduler)(
     values=[1.0, 0.1],
-    milestones=[11 * ITERS_PER_EPOCH, 12 * ITERS_PER_EPOCH],
+    milestones=[11 * ITERS_PER_EPOCH],  # fvcore: len(values) - 1 milestones when num_updates is given
     num_updates=12 * ITERS_PER_EPOCH,
 )
 

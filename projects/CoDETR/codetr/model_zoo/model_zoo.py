@@ -11,7 +11,7 @@ authors' Google Drive folders, which have no stable per-file URL: download the f
 """
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -102,12 +102,15 @@ def get_checkpoint_url(name: str) -> str:
     return w.url
 
 
-def get_config(name: str, trained: bool = False, checkpoint: Optional[str] = None):
+def get_config(name: str, trained: bool = False, checkpoint: Optional[str] = None, overrides: Sequence[str] = ()):
     """The LazyConfig ``name``; with ``trained=True`` its ``train.init_checkpoint`` is the official weights
-    (``checkpoint``, a local path or URL, when given; else the URL table)."""
+    (``checkpoint``, a local path or URL, when given; else the URL table). ``overrides``: "key=value" strings
+    applied as on the training script's command line."""
     from detectron2.config import LazyConfig
 
     cfg = LazyConfig.load(get_config_file(name))
+    if overrides:
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
     if trained:
         if "train" not in cfg or "init_checkpoint" not in cfg.train:
             raise RuntimeError(f"config {name!r} has no train.init_checkpoint to set")
@@ -129,13 +132,20 @@ def _checkpointer_class():
     return type("ZooCheckpointer", (OfficialCheckpointMixin, DetectionCheckpointer), {})
 
 
-def get(name: str, trained: bool = False, device: Optional[str] = None, checkpoint: Optional[str] = None):
+def get(
+    name: str,
+    trained: bool = False,
+    device: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    overrides: Sequence[str] = (),
+):
     """Build the model of config ``name`` (in training mode, as ``detectron2.model_zoo.get``); with
     ``trained=True`` load the official weights (converted on load, every key checked) from the URL table or from
-    ``checkpoint`` (local path or URL). ``device`` defaults to "cuda" when available, else "cpu"."""
+    ``checkpoint`` (local path or URL). ``device`` defaults to "cuda" when available, else "cpu"; ``overrides``
+    as in :func:`get_config`."""
     from detectron2.config import instantiate
 
-    cfg = get_config(name, trained=trained, checkpoint=checkpoint)
+    cfg = get_config(name, trained=trained, checkpoint=checkpoint, overrides=overrides)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = instantiate(cfg.model).to(device)

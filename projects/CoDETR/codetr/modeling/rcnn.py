@@ -71,6 +71,8 @@ class RCNNBranch(nn.Module):
         roi_finest_scale: int = 56,
         fc_dim: int = 1024,
         num_fc: int = 2,
+        num_conv: int = 0,
+        conv_norm: str = "",
         bbox_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
         cls_agnostic_bbox_reg: bool = False,
         loss_rpn_cls_weight: float = 1.0,
@@ -89,6 +91,8 @@ class RCNNBranch(nn.Module):
             strides: strides of the input maps; the RPN runs on all of them.
             num_roi_levels: RoIAlign reads the first ``num_roi_levels`` maps.
             roi_finest_scale: mmdet's ``finest_scale`` (Co-DINO 56, Co-Deformable-DETR 112).
+            num_conv, conv_norm: 3x3 convs (``conv_norm``: e.g. "GN") before the FCs of the box head (the ViT-L
+                COCO config's ConvFCBBoxHead: 4 convs + GN, 1 FC).
             loss_*_weight: multipliers (Co-DINO configs: RPN CE 12, RPN L1 12, RoI CE 12, RoI GIoU 120).
             max_positives: cap of the per-image positive-query candidates (official 2000).
             head_index: appended to the loss keys.
@@ -143,8 +147,9 @@ class RCNNBranch(nn.Module):
         )
         box_head = FastRCNNConvFCHead(
             ShapeSpec(channels=in_channels, height=roi_pooler_resolution, width=roi_pooler_resolution),
-            conv_dims=[],
+            conv_dims=[in_channels] * num_conv,
             fc_dims=[fc_dim] * num_fc,
+            conv_norm=conv_norm,
         )
         box_predictor = FastRCNNOutputLayers(
             box_head.output_shape,
