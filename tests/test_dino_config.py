@@ -27,7 +27,9 @@ def test_config_settings(cfg):
     assert cfg.train.clip_grad == dict(enabled=True, max_norm=0.1, norm_type=2.0)
     assert cfg.train.amp.enabled is False
     m = cfg.lr_multiplier
-    assert list(m["milestones"]) == [11 * 7330, 12 * 7330] and list(m["values"]) == [1.0, 0.1]
+    assert list(m["milestones"]) == [11 * 7330] and list(m["values"]) == [1.0, 0.1]
+    sched = instantiate(m)  # fvcore accepts it: len(values) - 1 milestones with num_updates
+    assert sched(0.5) == 1.0 and sched(11.5 / 12) == 0.1
     assert cfg.train.max_iter == 12 * 7330
     assert cfg.dataloader.train.dataset.names == "coco_2017_train"
     assert cfg.dataloader.train.mapper.use_instance_mask is False
