@@ -131,7 +131,7 @@ def test_full_vitl_builds_param_counts_and_layer_decay_for_every_parameter():
     expected_backbone = 24 * block + (3 * 16 * 16 * d + d) + 1025 * d + 2 * d
     assert n_params(model.backbone) == expected_backbone
     training_only = n_params(model.collaborative) + model.query_head.label_embedding.weight.numel()
-    training_only += n_params(model.query_head.aux_pos_trans) + n_params(model.query_head.aux_pos_trans_norm)
+    training_only += n_params(model.query_head.transformer.aux_pos_trans) + n_params(model.query_head.transformer.aux_pos_trans_norm)
     total = n_params(model)
     print(f"\nco_dino_vitl: backbone {n_params(model.backbone):,}, neck {n_params(model.neck):,}, total {total:,}, "
           f"inference-only {total - training_only:,}")
