@@ -32,7 +32,7 @@ def test_config_settings(cfg):
     assert sched(0.5) == 1.0 and sched(11.5 / 12) == 0.1
     assert cfg.train.max_iter == 12 * 7330
     assert cfg.dataloader.train.dataset.names == "coco_2017_train"
-    assert cfg.dataloader.train.mapper.use_instance_mask is False
+    assert cfg.dataloader.train.mapper._target_.__name__ == "DetrDatasetMapper"  # box-only mapper
     assert cfg.dataloader.evaluator.max_dets_per_image == 300
 
 

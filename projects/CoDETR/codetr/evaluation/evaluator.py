@@ -5,12 +5,20 @@ Co-DINO keeps its top 300 boxes per image (1000 for the ViT-L configs), but dete
 numbers use up to 1000 detections per image where ``LVISEvaluator`` defaults to 300. One value,
 ``max_dets_per_image``, sets both; configs tie it to the model's top-k.
 """
-from detectron2.data import MetadataCatalog
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, LVISEvaluator
 
 from ..data.checks import check_dataset_registered
 
-__all__ = ["build_detection_evaluator"]
+__all__ = ["build_detection_evaluator", "lvis_numpy_compat"]
+
+
+def lvis_numpy_compat() -> None:
+    """The lvis package (0.5.3, its latest release) uses ``np.float``, which NumPy >= 1.24 removed, so
+    ``LVISEval`` fails with AttributeError. Restore the alias (to the builtin float, what it always meant)."""
+    if "float" not in np.__dict__:
+        np.float = float
 
 
 def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, output_dir=None,
@@ -35,7 +43,12 @@ def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, 
 
         ensure_synthetic_dataset(**params)
     evaluator_type = meta.get("evaluator_type", "coco")
+    if evaluator_type == "coco" and meta.get("thing_dataset_id_to_contiguous_id") is None:
+        # COCO-json loaders set the class-id mapping when the dataset is first loaded; without it the
+        # evaluator would write contiguous ids as category ids and silently score 0 AP
+        DatasetCatalog.get(dataset_name)
     if evaluator_type == "lvis":
+        lvis_numpy_compat()
         return LVISEvaluator(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir,
                              max_dets_per_image=max_dets_per_image)
     if evaluator_type == "coco":

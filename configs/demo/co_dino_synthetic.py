@@ -1,0 +1,132 @@
+# A small Co-DINO trained from scratch on the embedded synthetic dataset, on a CPU (no download needed).
+#
+#   python tools/lazyconfig_train_net.py --config-file configs/demo/co_dino_synthetic.py
+#
+# Same architecture as Co-DINO R50 (DINO query head + collaborative branch with the Faster R-CNN and ATSS
+# auxiliary heads and their customised positive queries), shrunk to run on a laptop: ResNet-18 from scratch,
+# 3 backbone levels + 1 extra (strides 8..64; aux maps 8..128), 128-d transformer with 2 encoder / 2 decoder
+# layers, 50 queries, 10 denoising queries; images resized to a short side of 128..192 (test 160). See README "Train, evaluate, demo" for the measured time and AP.
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.solver import get_default_optimizer_params
+
+from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer, HungarianMatcher
+from codetr.modeling.atss import ATSSHead
+from codetr.modeling.collaborative import CollaborativeBranch
+from codetr.modeling.rcnn import RCNNBranch
+
+from ..common.synthetic_data import dataloader
+
+dataloader.train.total_batch_size = 2
+dataloader.train.mapper.augmentations[1].short_edge_length = (128, 160, 192)
+dataloader.train.mapper.augmentations[1].max_size = 256
+dataloader.test.mapper.augmentations[0].short_edge_length = 160
+dataloader.test.mapper.augmentations[0].max_size = 256
+
+NUM_CLASSES = 20
+DIM = 128
+AUX_STRIDES = (8, 16, 32, 64, 128)
+
+model = L(CoDETR)(
+    backbone=L(ResNet)(
+        stem=L(BasicStem)(in_channels=3, out_channels=64, norm="BN"),
+        stages=L(ResNet.make_default_stages)(depth=18, norm="BN"),
+        out_features=["res3", "res4", "res5"],
+        freeze_at=0,
+    ),
+    neck=L(ChannelMapper)(
+        in_features=["res3", "res4", "res5"], in_channels=[128, 256, 512], out_channels=DIM, num_extra=1
+    ),
+    query_head=L(DINOHead)(
+        transformer=L(DINOTransformer)(
+            embed_dim=DIM,
+            num_heads=4,
+            num_levels=4,
+            num_points=4,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            ffn_dim=512,
+            dropout=0.0,
+            num_queries=50,
+        ),
+        num_classes=NUM_CLASSES,
+        num_dn_queries=10,
+        label_noise_ratio=0.5,
+        box_noise_scale=1.0,
+        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+        loss_cls_weight=1.0,
+        loss_bbox_weight=5.0,
+        loss_giou_weight=2.0,
+        cls_loss="qfl",
+        num_co_heads=2,
+        max_per_img=100,
+        soft_nms=True,
+    ),
+    collaborative=L(CollaborativeBranch)(
+        aux_heads=[
+            L(RCNNBranch)(
+                num_classes=NUM_CLASSES,
+                in_channels=DIM,
+                strides=AUX_STRIDES,
+                num_roi_levels=4,
+                rpn_pre_nms_topk=(500, 500),
+                rpn_post_nms_topk=(100, 100),
+                roi_batch_size_per_image=64,
+                fc_dim=128,
+                loss_rpn_cls_weight=12.0,
+                loss_rpn_bbox_weight=12.0,
+                loss_cls_weight=12.0,
+                loss_bbox_weight=120.0,
+                head_index=0,
+            ),
+            L(ATSSHead)(
+                num_classes=NUM_CLASSES,
+                in_channels=DIM,
+                feat_channels=DIM,
+                strides=AUX_STRIDES,
+                loss_cls_weight=12.0,
+                loss_bbox_weight=24.0,
+                loss_centerness_weight=12.0,
+                head_index=1,
+            ),
+        ],
+        num_classes=NUM_CLASSES,
+        embed_dim=DIM,
+        max_queries=50,
+    ),
+    pixel_mean=[123.675, 116.28, 103.53],
+    pixel_std=[58.395, 57.12, 57.375],
+    input_format="RGB",
+    with_attn_mask=True,
+    size_divisibility=32,
+)
+
+optimizer = L(torch.optim.AdamW)(
+    params=L(get_default_optimizer_params)(base_lr="${..lr}"),
+    lr=4e-4,
+    betas=(0.9, 0.999),
+    weight_decay=1e-4,
+)
+
+MAX_ITER = 600
+lr_multiplier = L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[500], num_updates=MAX_ITER)
+
+train = dict(
+    output_dir="./output/demo_co_dino_synthetic",
+    init_checkpoint="",
+    max_iter=MAX_ITER,
+    amp=dict(enabled=False, precision="bf16"),
+    clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),
+    grad_accum_steps=1,
+    model_ema=dict(enabled=False, momentum=1e-4, gamma=2000),
+    activation_checkpointing=dict(enabled=False, module_types=[]),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    checkpointer=dict(period=200, max_to_keep=3),
+    eval_period=0,  # evaluate once, at the end
+    log_period=20,
+    device="cpu",
+    seed=42,
+)
