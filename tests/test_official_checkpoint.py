@@ -290,3 +290,49 @@ def test_rpn_anchor_order_matches_anchor_geometry():
     perm = rpn_anchor_permutation(len(ratios), S)
     torch.testing.assert_close(d2_w, ws[perm], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(d2_h, hs[perm], rtol=1e-5, atol=1e-4)
+
+
+def official_swin_layout(embed, depths, heads, window):
+    """Official SwinTransformerV1 keys and shapes, written from projects/models/swin_transformer.py."""
+    f32, i64 = "float32", "int64"
+    L = {
+        "backbone.patch_embed.proj.weight": ((embed, 3, 4, 4), f32),
+        "backbone.patch_embed.proj.bias": ((embed,), f32),
+        "backbone.patch_embed.norm.weight": ((embed,), f32),
+        "backbone.patch_embed.norm.bias": ((embed,), f32),
+    }
+    for i, (d, h) in enumerate(zip(depths, heads)):
+        dim = embed * 2 ** i
+        for j in range(d):
+            b = f"backbone.layers.{i}.blocks.{j}."
+            for n in ("norm1", "norm2"):
+                L[b + n + ".weight"] = ((dim,), f32)
+                L[b + n + ".bias"] = ((dim,), f32)
+            L[b + "attn.relative_position_bias_table"] = (((2 * window - 1) ** 2, h), f32)
+            L[b + "attn.relative_position_index"] = ((window * window, window * window), i64)
+            L[b + "attn.qkv.weight"] = ((3 * dim, dim), f32)
+            L[b + "attn.qkv.bias"] = ((3 * dim,), f32)
+            L[b + "attn.proj.weight"] = ((dim, dim), f32)
+            L[b + "attn.proj.bias"] = ((dim,), f32)
+            L[b + "mlp.fc1.weight"] = ((4 * dim, dim), f32)
+            L[b + "mlp.fc1.bias"] = ((4 * dim,), f32)
+            L[b + "mlp.fc2.weight"] = ((dim, 4 * dim), f32)
+            L[b + "mlp.fc2.bias"] = ((dim,), f32)
+        if i < len(depths) - 1:
+            L[f"backbone.layers.{i}.downsample.reduction.weight"] = ((2 * dim, 4 * dim), f32)
+            L[f"backbone.layers.{i}.downsample.norm.weight"] = ((4 * dim,), f32)
+            L[f"backbone.layers.{i}.downsample.norm.bias"] = ((4 * dim,), f32)
+        L[f"backbone.norm{i}.weight"] = ((dim,), f32)
+        L[f"backbone.norm{i}.bias"] = ((dim,), f32)
+    return L
+
+
+def test_official_swin_keys_are_detectron2_swin_keys():
+    from detectron2.modeling.backbone.swin import SwinTransformer
+
+    official = random_state_dict(official_swin_layout(32, (2, 2, 2, 2), (1, 2, 4, 8), 4))
+    model = nn.Module()
+    model.backbone = SwinTransformer(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
+    out, report = convert_official_state_dict(official, model.state_dict())
+    assert report.backbone == "swin" and report.ok and report.renamed == 0 and not report.ignored
+    model.load_state_dict(out, strict=True)

@@ -207,3 +207,17 @@ def test_layer_decay_ids_for_every_parameter():
     assert lr["neck.p2.1.weight"] == pytest.approx(5e-5)
     assert by_param[id(model.backbone.blocks[0].attn.q_bias)]["weight_decay"] == 0.0
     assert by_param[id(model.backbone.pos_embed)]["weight_decay"] == 0.01
+
+
+def test_vit_lr_factor_with_detectron2_param_groups():
+    from functools import partial
+
+    from detectron2.solver import get_default_optimizer_params
+
+    from codetr.modeling.backbone.layer_decay import vit_lr_factor
+
+    model = _Model()
+    groups = get_default_optimizer_params(model, base_lr=1.0, lr_factor_func=partial(vit_lr_factor, decay_rate=0.8))
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(0.8 ** (25 - expected_layer_id(n)), rel=1e-12), n
