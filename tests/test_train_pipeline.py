@@ -206,3 +206,16 @@ def test_two_process_cpu_ddp_train_and_eval(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     assert max(r["iteration"] for r in rows if "total_loss" in r) == 2
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
+
+
+def test_script_rejects_bad_config_before_training(tmp_path):
+    script = pu.load_train_script()
+    parser = script.build_argument_parser()
+    common = ["--config-file", pu.TINY_CONFIG, f"train.output_dir={tmp_path}"]
+    with pytest.raises(ValueError, match="num_classes=80.*tinysynth_train.*4 classes"):
+        script.main(parser.parse_args(common + ["model.num_classes=80"]))
+    with pytest.raises(ValueError, match="coco_2017_trian"):
+        script.main(parser.parse_args(common + ["dataloader.train.dataset.names=coco_2017_trian"]))
+    with pytest.raises(ValueError, match="precision"):
+        script.main(parser.parse_args(common + ["train.amp.enabled=True", "train.amp.precision=fp8"]))
+    assert not any(f.endswith(".pth") for f in os.listdir(tmp_path))
