@@ -29,7 +29,6 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from codetr.data import detr_train_augmentation, test_augmentation
-from codetr.evaluation import build_detection_evaluator
 from codetr.modeling.backbone import COCO_GLOBAL_BLOCKS, SFP, EVA02ViT, vit_layer_decay_param_groups
 
 from .co_dino_r50 import dataloader, optimizer, train
@@ -83,9 +82,7 @@ dataloader.train.mapper.augmentations = L(detr_train_augmentation)(
 )
 dataloader.train.total_batch_size = 16  # 1 image per GPU x 16 GPUs (official)
 dataloader.test.mapper.augmentations = L(test_augmentation)(short_edge=1280, max_size=2048)
-dataloader.evaluator = L(build_detection_evaluator)(
-    dataset_name="${..test.dataset.names}", max_dets_per_image="${...model.query_head.max_per_img}"
-)
+dataloader.evaluator.max_dets_per_image = "${...model.query_head.max_per_img}"  # 1000
 
 # ---------------------------------------------------------------- optimization
 optimizer.lr = 5e-5

@@ -17,16 +17,15 @@
 # not vary; officially 1 image per GPU on 80 GB A100s.
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.solver import WarmupParamScheduler, get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from codetr.data import lsj_train_augmentation
-from codetr.evaluation import build_detection_evaluator
 from codetr.modeling.optim import LrFactorByPrefix
 from codetr.modeling.backbone import LVIS_GLOBAL_BLOCKS
 
-from .co_dino_vitl import dataloader, model, optimizer, train
+from .co_dino_vitl import model, optimizer, train
+from .common.lvis_data import dataloader
 
 IMAGE_SIZE = 1536
 LVIS_TRAIN_IMAGES = 100_170  # lvis_v1_train images
@@ -47,24 +46,16 @@ _rcnn.num_fc = 2
 _rcnn.cls_agnostic_bbox_reg = False
 _rcnn.bbox_reg_weights = (10.0, 10.0, 5.0, 5.0)
 
-# ---------------------------------------------------------------- data
-dataloader.train.dataset.names = "lvis_v1_train"
+# ---------------------------------------------------------------- data (LVIS v1, repeat-factor sampling 0.001)
 dataloader.train.mapper.augmentations = L(lsj_train_augmentation)(
     image_size=IMAGE_SIZE, min_scale=0.1, max_scale=2.0, pad_value=114.0
 )
-dataloader.train.sampler = L(RepeatFactorTrainingSampler)(
-    repeat_factors=L(RepeatFactorTrainingSampler.repeat_factors_from_category_frequency)(
-        dataset_dicts="${dataloader.train.dataset}", repeat_thresh=0.001
-    )
-)
-dataloader.test.dataset.names = "lvis_v1_val"
+dataloader.train.total_batch_size = 16  # 1 image per GPU x 16 GPUs (official)
 dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=IMAGE_SIZE, max_size=IMAGE_SIZE),
     L(T.FixedSizeCrop)(crop_size=(IMAGE_SIZE, IMAGE_SIZE), pad=True, pad_value=114.0),
 ]
-dataloader.evaluator = L(build_detection_evaluator)(
-    dataset_name="${..test.dataset.names}", max_dets_per_image="${...model.query_head.max_per_img}"
-)
+dataloader.evaluator.max_dets_per_image = "${...model.query_head.max_per_img}"  # 1000, the official protocol
 
 # ---------------------------------------------------------------- optimization
 optimizer.lr = 5e-5

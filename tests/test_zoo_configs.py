@@ -190,3 +190,18 @@ def test_model_zoo_get_trained_routes_through_the_converter(tmp_path):
     fake_official_vit_checkpoint(bad, drop="query_head.label_embedding.weight")
     with pytest.raises(OfficialCheckpointError, match="query_head.label_embedding.weight"):
         model_zoo.get("co_dino_vitl.py", trained=True, device="cpu", checkpoint=bad, overrides=overrides)
+
+
+@pytest.mark.parametrize("name,expect", [("co_dino_vitl.py", (1280, 1920)), ("co_dino_vitl_lvis.py", (1536, 1536))])
+def test_test_time_mapper_sizes(name, expect, tmp_path):
+    """COCO ViT-L: short side 1280, long side <= 2048; LVIS: long side 1536, padded to 1536 x 1536 with 114."""
+    import cv2
+    import numpy as np
+
+    path = str(tmp_path / "img.jpg")
+    cv2.imwrite(path, np.full((200, 300, 3), 50, np.uint8))
+    mapper = instantiate(load(name).dataloader.test.mapper)
+    out = mapper({"file_name": path, "height": 200, "width": 300, "image_id": 1})
+    assert tuple(out["image"].shape[1:]) == expect
+    if name == "co_dino_vitl_lvis.py":
+        assert (out["image"][:, 1100:, :] == 114).all()  # the padding below the 1536 x 1024 resized image
