@@ -39,7 +39,7 @@ def test_config_settings(cfg):
 def test_config_instantiates_and_optimizer_groups(cfg):
     model = instantiate(cfg.model)
     model.eval()
-    assert model.collaborative is None
+    assert model.collaborative is not None and len(model.collaborative.aux_heads) == 2  # Co-DINO
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith(("backbone.stem.", "backbone.res2.")) for n in trainable)
     assert "backbone.res3.0.conv1.weight" in trainable

@@ -28,7 +28,8 @@ query, so the encoder gets sparse supervision and the decoder few positives. Co-
    assignment. Losses at every decoder layer (keys ``loss_cls_aux{i}``, ``d{k}.loss_iou_aux{i}``, ...).
 
 At inference this module is not called; removing it (``model.collaborative = None``) leaves the detector's
-eval outputs unchanged.
+eval outputs unchanged. For debugging, ``CoDETR(eval_module="atss" | "rcnn")`` evaluates an auxiliary head
+instead of the query head (:meth:`CollaborativeBranch.inference`).
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -229,3 +230,41 @@ class CollaborativeBranch(nn.Module):
             content = query_head.aux_query_content(refs, i)
             losses.update(query_head.forward_aux(enc_ctx, content, refs, targets, i))
         return losses
+
+    @torch.no_grad()
+    def inference(
+        self,
+        query_head: nn.Module,
+        features: Sequence[Tensor],
+        masks: Tensor,
+        images: ImageList,
+        image_sizes: Tensor,
+        module: str,
+    ) -> List[Dict[str, Tensor]]:
+        """Detections of an auxiliary head ("atss" or "rcnn") on the encoder maps.
+
+        Args:
+            query_head: runs the encoder (``transformer.encode``) on the neck ``features`` with padding ``masks``.
+            image_sizes: (B, 2) the normalisation sizes (as in training).
+
+        Returns:
+            per image ``boxes`` (M, 4) XYXY pixels, ``scores`` (M,), ``labels`` (M,) -- the query head's format.
+        """
+        from .atss import ATSSHead
+        from .rcnn import RCNNBranch
+
+        kinds = {"atss": ATSSHead, "rcnn": RCNNBranch}
+        if module not in kinds:
+            raise ValueError(f"CollaborativeBranch.inference: module must be 'atss' or 'rcnn', got {module!r}")
+        heads = [h for h in self.aux_heads if isinstance(h, kinds[module])]
+        if not heads:
+            raise ValueError(f"CollaborativeBranch.inference: no {kinds[module].__name__} among the auxiliary heads")
+        enc_ctx = query_head.transformer.encode(features, query_head.level_masks(masks, features))
+        enc_ctx["image_sizes"] = image_sizes
+        maps = self.encoder_maps(enc_ctx)
+        sizes = self._image_sizes(enc_ctx, images)
+        if module == "atss":
+            insts = heads[0].inference(maps, sizes)
+        else:
+            insts = heads[0].inference(maps, ImageList(images.tensor, sizes))
+        return [{"boxes": i.pred_boxes.tensor, "scores": i.scores, "labels": i.pred_classes} for i in insts]

@@ -33,6 +33,9 @@ class CoDETR(nn.Module):
         collaborative: optional module of the auxiliary heads, called in training as
             ``collaborative(enc_ctx, images, gt_instances, query_head) -> dict of losses``.
             With ``None`` the model is exactly DINO.
+        eval_module: which head makes the detections in eval mode: "detr" (the one-to-one query head, default),
+            or "atss" / "rcnn" (an auxiliary head of ``collaborative``, to debug it; official 'one-stage' /
+            'two-stage' eval modes).
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class CoDETR(nn.Module):
         with_attn_mask: bool = True,
         size_divisibility: int = 32,
         collaborative: Optional[nn.Module] = None,
+        eval_module: str = "detr",
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -55,6 +59,11 @@ class CoDETR(nn.Module):
         self.neck = neck
         self.query_head = query_head
         self.collaborative = collaborative
+        if eval_module not in ("detr", "atss", "rcnn"):
+            raise ValueError(f"eval_module must be 'detr', 'atss' or 'rcnn', got {eval_module!r}")
+        if eval_module != "detr" and collaborative is None:
+            raise ValueError(f"eval_module={eval_module!r} needs the collaborative branch (collaborative is None)")
+        self.eval_module = eval_module
         self.input_format = input_format
         self.with_attn_mask = with_attn_mask
         self.size_divisibility = size_divisibility
@@ -123,8 +132,11 @@ class CoDETR(nn.Module):
             if self.collaborative is not None:
                 losses.update(self.collaborative(enc_ctx, images, gt_instances, self.query_head))
             return losses
-        logits, boxes = self.query_head(features, masks, None, norm_sizes)
-        dets = self.query_head.inference(logits, boxes, norm_sizes)
+        if self.eval_module != "detr":  # an auxiliary head's detections (collaborative.py)
+            dets = self.collaborative.inference(self.query_head, features, masks, images, norm_sizes, self.eval_module)
+        else:
+            logits, boxes = self.query_head(features, masks, None, norm_sizes)
+            dets = self.query_head.inference(logits, boxes, norm_sizes)
         results = []
         for x, det, image_size in zip(batched_inputs, dets, images.image_sizes):
             inst = Instances(image_size)

@@ -1,0 +1,197 @@
+"""Co-DINO end to end on CPU: the tiny CoDETR of dino_utils with the collaborative branch attached."""
+import copy
+
+import pytest
+import torch
+
+from detectron2.utils.events import EventStorage
+
+from codetr.modeling.atss import ATSSHead
+from codetr.modeling.collaborative import CollaborativeBranch
+from codetr.modeling.rcnn import RCNNBranch
+from dino_utils import random_input, tiny_model
+
+NUM_CLASSES = 3
+AUX_HEAD_KEYS = {
+    "loss_rpn_cls0", "loss_rpn_bbox0", "loss_cls0", "loss_bbox0",  # Faster R-CNN branch
+    "loss_cls1", "loss_bbox1", "loss_centerness1",  # ATSS
+}
+
+
+def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32):
+    """Aux heads on the tiny model's 4 encoder levels (strides 4..32) + the extra stride-64 map."""
+    strides = (4, 8, 16, 32, 64)
+    return CollaborativeBranch(
+        aux_heads=[
+            RCNNBranch(num_classes=num_classes, in_channels=embed_dim, strides=strides, num_roi_levels=4, fc_dim=64,
+                       rpn_batch_size_per_image=64, rpn_pre_nms_topk=(300, 100), rpn_post_nms_topk=(100, 100),
+                       roi_batch_size_per_image=64,  # small samples keep the CPU test fast
+                       loss_rpn_cls_weight=4.0, loss_rpn_bbox_weight=4.0, loss_cls_weight=4.0, loss_bbox_weight=40.0),
+            ATSSHead(num_classes=num_classes, in_channels=embed_dim, feat_channels=embed_dim, strides=strides,
+                     num_gn_groups=num_gn_groups,
+                     loss_cls_weight=4.0, loss_bbox_weight=8.0, loss_centerness_weight=4.0),
+        ],
+        num_classes=num_classes,
+        embed_dim=embed_dim,
+        num_gn_groups=num_gn_groups,
+    )
+
+
+def tiny_codino(**kw):
+    model = tiny_model(num_classes=NUM_CLASSES, num_co_heads=2, **kw)
+    model.collaborative = tiny_collaborative()
+    return model
+
+
+def _batch(seed=0, counts=(3, 1)):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(64, 96), (80, 64)]
+    return [random_input(*sizes[i % 2], n, num_classes=NUM_CLASSES, name=f"img{i}.jpg", generator=g)
+            for i, n in enumerate(counts)]
+
+
+def _grad_norm(module):
+    return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+
+def test_training_step_losses_and_gradients():
+    """One training step (one image without GT in the batch): finite losses for every head; the aux heads' own
+    losses reach the encoder (not the decoder), the positive-query losses reach the decoder; every trainable
+    parameter gets a gradient from the total."""
+    torch.manual_seed(0)
+    model = tiny_codino()
+    model.train()
+    with EventStorage():
+        losses = model(_batch(0, counts=(3, 0)))
+    aux_query_keys = {f"{p}{n}_aux{i}" for i in (0, 1) for p in ("", "d0.") for n in ("loss_cls", "loss_bbox", "loss_iou")}
+    assert AUX_HEAD_KEYS | aux_query_keys <= set(losses)
+    assert {"loss_cls", "loss_bbox", "loss_iou", "enc_loss_cls"} <= set(losses)  # the one-to-one branch
+    for k, v in losses.items():
+        assert v.ndim == 0 and torch.isfinite(v), k
+    for k in AUX_HEAD_KEYS | {"loss_bbox_aux0", "loss_bbox_aux1"}:
+        assert losses[k] > 0, k
+
+    enc = model.query_head.transformer.encoder
+    dec = model.query_head.transformer.decoder
+    sum(losses[k] for k in AUX_HEAD_KEYS).backward(retain_graph=True)
+    assert _grad_norm(enc) > 0 and _grad_norm(model.backbone) > 0
+    assert _grad_norm(dec) == 0
+    model.zero_grad(set_to_none=True)
+    sum(v for k, v in losses.items() if "_aux" in k).backward(retain_graph=True)
+    assert _grad_norm(dec) > 0 and _grad_norm(enc) > 0
+    assert _grad_norm(model.query_head.aux_pos_trans) > 0
+    model.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+
+
+def test_eval_outputs_identical_without_aux_modules():
+    torch.manual_seed(3)
+    model = tiny_codino().eval()
+    batch = [{k: v for k, v in x.items() if k != "instances"} for x in _batch(3)]
+    with torch.no_grad():
+        with_aux = model(batch)
+        bare = copy.deepcopy(model)
+        bare.collaborative = None
+        without = bare(batch)
+        # and a plain DINO (no projections either) with the same weights
+        dino = tiny_model(num_classes=NUM_CLASSES, num_co_heads=0).eval()
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("collaborative.", "query_head.transformer.aux_pos_trans"))}
+        dino.load_state_dict(sd, strict=True)
+        plain = dino(batch)
+    for a, b, c in zip(with_aux, without, plain):
+        a, b, c = a["instances"], b["instances"], c["instances"]
+        assert len(a) > 0
+        for x in (b, c):
+            assert torch.equal(a.pred_boxes.tensor, x.pred_boxes.tensor)
+            assert torch.equal(a.scores, x.scores) and torch.equal(a.pred_classes, x.pred_classes)
+
+
+def test_tiny_codino_overfits_to_ap50(tmp_path):
+    """The learning check of test_dino_overfit.py (same data, model, optimiser, criterion: AP50 >= 90 of the
+    one-to-one head), with the collaborative branch on."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import COCOEvaluator
+
+    from test_dino_overfit import MAX_ITERS, evaluate, make_data
+
+    torch.manual_seed(0)
+    inputs, dicts = make_data()
+    name = "codetr_test_codino_overfit"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["red", "green", "blue"])
+    evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(tmp_path), max_dets_per_image=300)
+
+    model = tiny_model(num_queries=15, num_dn_queries=10, embed_dim=32, width=16, num_co_heads=2)
+    model.collaborative = tiny_collaborative(embed_dim=32, num_gn_groups=8)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    history = []
+    with EventStorage():
+        for it in range(1, MAX_ITERS + 1):
+            losses = model(inputs)
+            loss = sum(losses.values())
+            assert torch.isfinite(loss), (it, {k: v.item() for k, v in losses.items()})
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if it >= 30 and it % 10 == 0:
+                res = evaluate(model, inputs, evaluator)
+                history.append((it, res["AP50"], res["AP"]))
+                if res["AP50"] >= 90.0:
+                    break
+    print(f"\ntiny Co-DINO overfit: history {history}")
+    assert history[-1][1] >= 90.0, history
+
+
+@pytest.mark.parametrize("module", ["atss", "rcnn"])
+def test_eval_module_switch_evaluates_an_auxiliary_head(module):
+    torch.manual_seed(4)
+    model = tiny_codino()
+    model.eval_module = module
+    model.eval()
+    batch = [{k: v for k, v in x.items() if k != "instances"} for x in _batch(4)]
+    with torch.no_grad():
+        out = model(batch)
+    for x, o in zip(batch, out):
+        inst = o["instances"]
+        assert len(inst) > 0 and inst.image_size == (x["height"], x["width"])
+        b = inst.pred_boxes.tensor
+        assert (b[:, 2] <= x["width"]).all() and (b[:, 3] <= x["height"]).all() and (inst.pred_classes < NUM_CLASSES).all()
+    with pytest.raises(ValueError, match="eval_module"):
+        tiny_model(num_classes=NUM_CLASSES).__class__(
+            backbone=model.backbone, neck=model.neck, query_head=model.query_head, pixel_mean=[0, 0, 0],
+            pixel_std=[1, 1, 1], eval_module=module,
+        )
+
+
+def test_co_dino_configs_and_documented_overrides():
+    import os
+
+    from detectron2.config import LazyConfig, instantiate
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    cfg = LazyConfig.load(os.path.join(root, "co_dino_r50.py"))
+    assert cfg.model.query_head.num_co_heads == 2 and cfg.model.eval_module == "detr"
+    rcnn, atss = cfg.model.collaborative.aux_heads
+    assert (rcnn.loss_rpn_cls_weight, rcnn.loss_rpn_bbox_weight, rcnn.loss_cls_weight, rcnn.loss_bbox_weight) == (12, 12, 12, 120)
+    assert (atss.loss_cls_weight, atss.loss_bbox_weight, atss.loss_centerness_weight) == (12, 24, 12)
+    assert cfg.dataloader.train.mapper.augmentations._target_.__name__ == "detr_train_augmentation"
+    lsj = LazyConfig.load(os.path.join(root, "co_dino_r50_lsj.py"))
+    assert lsj.model.with_attn_mask is False and lsj.model.collaborative is not None
+    assert lsj.dataloader.train.mapper.augmentations._target_.__name__ == "lsj_train_augmentation"
+    assert lsj.dataloader.train.mapper.augmentations.image_size == 1024
+    # DINO baseline override
+    base = LazyConfig.apply_overrides(cfg, ["model.collaborative=null", "model.query_head.num_co_heads=0"])
+    assert base.model.collaborative is None and base.model.query_head.num_co_heads == 0
+    # 9-encoder variant (LSJ), num_classes followed by the aux heads
+    c = LazyConfig.apply_overrides(lsj, ["model.query_head.transformer.num_encoder_layers=9", "model.query_head.num_classes=7"])
+    model = instantiate(c.model)
+    assert len(model.query_head.transformer.encoder.layers) == 9
+    assert [h.num_classes for h in model.collaborative.aux_heads] == [7, 7] and model.collaborative.num_classes == 7
+    assert model.collaborative.aux_heads[1].atss_cls.out_channels == 7

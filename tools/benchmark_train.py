@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""What the collaborative hybrid assignment costs and buys: Co-DINO vs the DINO baseline.
+
+Sub-commands (``all`` runs params, timing and eval; ``converge`` is separate because it trains):
+
+- ``params``: parameter counts of the config's model: in training, and on the inference path (what remains
+  without the collaborative branch, the positive-query projections and the denoising label embedding).
+- ``timing``: one training iteration (forward + backward + AdamW step) of Co-DINO and of the same config with the
+  collaborative branch removed (``model.collaborative = None``, ``num_co_heads = 0``), each in its own process:
+  mean time over ``--iters`` iterations after one warm-up, and peak memory (CUDA: max allocated; CPU: the process'
+  peak RSS). Printed with the Co-DINO / DINO ratios.
+- ``eval``: eval forward time of Co-DINO with and without its auxiliary modules attached (same weights), and
+  whether the outputs are identical.
+- ``converge``: trains a small Co-DINO and the same model without the collaborative branch on the same
+  synthetic images for the same iterations (same seed) and reports both COCO APs (pycocotools) on held-out
+  synthetic images.
+
+Examples::
+
+    python tools/benchmark_train.py all --device cpu --size 512 --batch 2 --iters 2
+    python tools/benchmark_train.py converge --iters 300
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "CoDETR"))
+
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "co_dino_r50.py")
+INFERENCE_EXCLUDED = ("collaborative.", "query_head.transformer.aux_pos_trans", "query_head.label_embedding.")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def build_model(config, variant, device):
+    cfg = LazyConfig.load(config)
+    if variant == "dino":
+        cfg.model.collaborative = None
+        cfg.model.query_head.num_co_heads = 0
+    model = instantiate(cfg.model).to(device)
+    return model
+
+
+def random_batch(batch, h, w, num_classes, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        n = 8
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 16 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.25, h * 0.25])
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        out.append({"image": img, "instances": inst, "height": h, "width": w})
+    return out
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def count_params(model):
+    total = sum(p.numel() for p in model.parameters())
+    inference = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(INFERENCE_EXCLUDED))
+    return total, inference
+
+
+# ----------------------------------------------------------------------------------------------- sub-commands
+def cmd_params(args):
+    model = build_model(args.config, "codino", "cpu")
+    total, inference = count_params(model)
+    dino = build_model(args.config, "dino", "cpu")
+    dtotal, _ = count_params(dino)
+    res = {"codino_train_params": total, "codino_inference_params": inference, "dino_params": dtotal}
+    print(json.dumps(res))
+    return res
+
+
+def worker_timing(args):
+    """Run in a child process: time training iterations of one variant."""
+    torch.manual_seed(0)
+    dev = args.device
+    model = build_model(args.config, args.variant, dev)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    num_classes = model.query_head.num_classes
+    batch = random_batch(args.batch, args.size, args.size, num_classes, seed=1)
+    times = []
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with EventStorage():
+        for it in range(args.iters + 1):
+            _sync(dev)
+            t0 = time.perf_counter()
+            losses = model(batch)
+            loss = sum(losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            _sync(dev)
+            if it > 0:
+                times.append(time.perf_counter() - t0)
+    if dev.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print("RESULT " + json.dumps({"variant": args.variant, "iter_s": float(np.mean(times)), "peak_mib": peak,
+                                  "num_losses": len(losses)}))
+
+
+def _run_child(args, variant):
+    cmd = [sys.executable, os.path.abspath(__file__), "_timing_worker", "--variant", variant, "--config", args.config,
+           "--device", args.device, "--size", str(args.size), "--batch", str(args.batch), "--iters", str(args.iters)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"timing worker for {variant} failed:\n{out.stderr[-4000:]}")
+
+
+def cmd_timing(args):
+    co = _run_child(args, "codino")
+    dino = _run_child(args, "dino")
+    res = {
+        "device": args.device, "size": args.size, "batch": args.batch, "iters": args.iters,
+        "codino_iter_s": co["iter_s"], "dino_iter_s": dino["iter_s"], "iter_time_ratio": co["iter_s"] / dino["iter_s"],
+        "codino_peak_mib": co["peak_mib"], "dino_peak_mib": dino["peak_mib"],
+        "peak_memory_ratio": co["peak_mib"] / dino["peak_mib"],
+    }
+    print(json.dumps(res))
+    return res
+
+
+def cmd_eval(args):
+    torch.manual_seed(0)
+    dev = args.device
+    co = build_model(args.config, "codino", dev).eval()
+    bare = copy.deepcopy(co)
+    bare.collaborative = None  # the auxiliary modules detached; positive-query projections are unused in eval
+    batch = random_batch(1, args.size, args.size, co.query_head.num_classes, seed=2)
+    for x in batch:
+        x.pop("instances")
+    res = {}
+    outs = {}
+    with torch.no_grad():
+        for name, m in (("with_aux", co), ("without_aux", bare), ("with_aux_again", co), ("without_aux_again", bare)):
+            m(batch)  # warm-up
+            _sync(dev)
+            t = []
+            for _ in range(args.iters):
+                _sync(dev)
+                t0 = time.perf_counter()
+                out = m(batch)
+                _sync(dev)
+                t.append(time.perf_counter() - t0)
+            outs[name] = out[0]["instances"]
+            res[name + "_s"] = float(np.median(t))
+    a, b = outs["with_aux"], outs["without_aux"]
+    res["identical_outputs"] = bool(
+        torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
+        and torch.equal(a.pred_classes, b.pred_classes)
+    )
+    res["eval_time_ratio"] = (res["with_aux_s"] + res["with_aux_again_s"]) / (res["without_aux_s"] + res["without_aux_again_s"])
+    print(json.dumps(res))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------- convergence
+def synthetic_images(n, h, w, num_classes, seed, max_objects=6):
+    """Coloured rectangles and ellipses (class = shape x colour) on noise; boxes XYXY."""
+    rng = np.random.default_rng(seed)
+    colors = np.array([[230, 40, 40], [40, 200, 40], [40, 80, 230], [230, 200, 40], [200, 40, 200], [40, 200, 200]])
+    data = []
+    yy, xx = np.mgrid[0:h, 0:w]
+    for _ in range(n):
+        img = rng.integers(60, 120, size=(h, w, 3)).astype(np.uint8)
+        boxes, classes = [], []
+        for _ in range(rng.integers(1, max_objects + 1)):
+            c = int(rng.integers(num_classes))
+            bw, bh = rng.integers(12, w // 2), rng.integers(12, h // 2)
+            x0, y0 = rng.integers(0, w - bw), rng.integers(0, h - bh)
+            color = colors[c % len(colors)]
+            if c // len(colors) == 0:
+                img[y0 : y0 + bh, x0 : x0 + bw] = color
+            else:
+                cx, cy = x0 + bw / 2, y0 + bh / 2
+                m = ((xx - cx) / (bw / 2)) ** 2 + ((yy - cy) / (bh / 2)) ** 2 <= 1
+                img[m] = color
+            boxes.append([x0, y0, x0 + bw, y0 + bh])
+            classes.append(c)
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+        data.append({"image": torch.from_numpy(img).permute(2, 0, 1).contiguous(), "instances": inst,
+                     "height": h, "width": w, "image_id": len(data)})
+    return data
+
+
+def small_model(num_classes, collaborative):
+    """Co-DINO with a small conv backbone (strides 8..32 + 1 extra level), width 128, 3+3 layers."""
+    from torch import nn
+
+    from detectron2.modeling.backbone import Backbone
+
+    from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer
+    from codetr.modeling.atss import ATSSHead
+    from codetr.modeling.collaborative import CollaborativeBranch
+    from codetr.modeling.rcnn import RCNNBranch
+
+    class SmallBackbone(Backbone):
+        def __init__(self, width=64):
+            super().__init__()
+            chans, strides = [3, 32, width, width, width], [4, 2, 2, 2]
+            self.stages = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, s, 1), nn.GroupNorm(8, chans[i + 1]), nn.ReLU(),
+                              nn.Conv2d(chans[i + 1], chans[i + 1], 3, 1, 1), nn.GroupNorm(8, chans[i + 1]), nn.ReLU())
+                if s == 2 else
+                nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 4, 4), nn.GroupNorm(8, chans[i + 1]), nn.ReLU())
+                for i, s in enumerate(strides)
+            )
+
+        def forward(self, x):
+            out = {}
+            for i, st in enumerate(self.stages):
+                x = st(x)
+                out[f"c{i + 2}"] = x
+            return out
+
+    C = 128
+    strides = (8, 16, 32, 64)
+    neck = ChannelMapper(["c3", "c4", "c5"], [64, 64, 64], C, num_extra=1, kernel_size=1, num_groups=32)
+    transformer = DINOTransformer(embed_dim=C, num_heads=8, num_levels=4, num_points=4, num_encoder_layers=3,
+                                  num_decoder_layers=3, ffn_dim=512, num_queries=100)
+    head = DINOHead(transformer=transformer, num_classes=num_classes, num_dn_queries=30,
+                    num_co_heads=2 if collaborative else 0, max_per_img=100)
+    collab = None
+    if collaborative:
+        w = 3 * 2.0  # num_decoder_layers * lambda_2
+        aux_strides = strides + (128,)
+        collab = CollaborativeBranch(
+            aux_heads=[
+                RCNNBranch(num_classes=num_classes, in_channels=C, strides=aux_strides, num_roi_levels=4,
+                           roi_finest_scale=112, fc_dim=256, loss_rpn_cls_weight=w, loss_rpn_bbox_weight=w,
+                           loss_cls_weight=w, loss_bbox_weight=10 * w),
+                ATSSHead(num_classes=num_classes, in_channels=C, feat_channels=C, strides=aux_strides,
+                         loss_cls_weight=w, loss_bbox_weight=2 * w, loss_centerness_weight=w),
+            ],
+            num_classes=num_classes,
+            embed_dim=C,
+        )
+    return CoDETR(backbone=SmallBackbone(64), neck=neck, query_head=head, pixel_mean=[123.675, 116.28, 103.53],
+                  pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, collaborative=collab)
+
+
+def coco_ap(model, data):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, anns, dets = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for x in data:
+            inp = {k: v for k, v in x.items() if k != "instances"}
+            out = model([inp])[0]["instances"]
+            images.append({"id": x["image_id"], "height": x["height"], "width": x["width"]})
+            for b, c in zip(x["instances"].gt_boxes.tensor.tolist(), x["instances"].gt_classes.tolist()):
+                anns.append({"id": len(anns) + 1, "image_id": x["image_id"], "category_id": c, "iscrowd": 0,
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+            for b, s, c in zip(out.pred_boxes.tensor.tolist(), out.scores.tolist(), out.pred_classes.tolist()):
+                dets.append({"image_id": x["image_id"], "category_id": c, "score": s,
+                             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns,
+                  "categories": [{"id": i} for i in range(model.query_head.num_classes)]}
+    gt.createIndex()
+    if not dets:
+        return 0.0
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]) * 100
+
+
+def cmd_converge(args):
+    num_classes = 6
+    h, w = 160, 224
+    train = synthetic_images(args.num_train, h, w, num_classes, seed=0)
+    val = synthetic_images(args.num_val, h, w, num_classes, seed=1)
+    res = {"iters": args.iters, "batch": args.batch, "num_train": args.num_train, "num_val": args.num_val}
+    for name, collab in (("codino", True), ("dino", False)):
+        torch.manual_seed(0)
+        model = small_model(num_classes, collab).to(args.device)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
+        rng = np.random.default_rng(0)  # same batches for both models
+        t0 = time.perf_counter()
+        with EventStorage():
+            for it in range(args.iters):
+                idx = rng.choice(len(train), args.batch, replace=False)
+                losses = model([train[i] for i in idx])
+                loss = sum(losses.values())
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                opt.step()
+        res[f"{name}_train_s"] = time.perf_counter() - t0
+        res[f"{name}_AP"] = coco_ap(model, val)
+        res[f"{name}_AP_train"] = coco_ap(model, train[: args.num_val])
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(name)}), flush=True)
+    print(json.dumps(res))
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["all", "params", "timing", "eval", "converge", "_timing_worker"])
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, default=512, help="square training image size for timing/eval")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--variant", default="codino", choices=["codino", "dino"])
+    p.add_argument("--num-train", type=int, default=64)
+    p.add_argument("--num-val", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
+    args = p.parse_args(argv)
+    if args.command == "_timing_worker":
+        return worker_timing(args)
+    if args.command == "converge":
+        return cmd_converge(args)
+    out = {}
+    if args.command in ("all", "params"):
+        out.update(cmd_params(args))
+    if args.command in ("all", "timing"):
+        out.update(cmd_timing(args))
+    if args.command in ("all", "eval"):
+        out.update(cmd_eval(args))
+    if args.command == "all":
+        print("SUMMARY " + json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
