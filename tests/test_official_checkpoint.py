@@ -203,6 +203,12 @@ def test_checkpointer_hook_recognises_official_files(tmp_path):
     native = str(tmp_path / "native.pth")
     torch.save({"model": model.state_dict()}, native)
     assert maybe_convert_official_file(native, model) is None
+    # an official file whose metadata weights_only refuses: converted only when pickle is allowed
+    unsafe = str(tmp_path / "official_unsafe.pth")
+    torch.save({"state_dict": official, "meta": {"args": argparse.Namespace(lr=1)}}, unsafe)
+    assert maybe_convert_official_file(unsafe, model, strict=False) is None
+    assert "backbone.blocks.0.mlp.fc1_g.weight" in maybe_convert_official_file(
+        unsafe, model, strict=False, allow_pickle=True)["model"]
 
 
 def test_cli_help_and_conversion(tmp_path, capsys):

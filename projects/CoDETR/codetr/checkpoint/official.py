@@ -309,18 +309,24 @@ def convert_official_checkpoint(
 
 
 def maybe_convert_official_file(
-    filename: str, model: Optional[torch.nn.Module], strict: bool = True
+    filename: str, model: Optional[torch.nn.Module], strict: bool = True, allow_pickle: bool = False
 ) -> Optional[dict]:
     """For checkpointers: if ``filename`` (a local file) is an official Co-DETR checkpoint, return it converted in
     Detectron2's checkpoint format (``{"model": state_dict, "matching_heuristics": False, ...}``), checked against
     ``model`` (strict: any unmapped or missing key raises). Return None for any other file (native checkpoints,
-    Detectron2 ``.pkl`` files...), which the caller loads as usual."""
+    Detectron2 ``.pkl`` files...), which the caller loads as usual. A file that ``torch.load(weights_only=True)``
+    refuses is only unpickled fully with ``allow_pickle=True`` (trusted files)."""
     if filename.endswith(".pkl"):
         return None
     try:
         obj = torch.load(filename, map_location="cpu", weights_only=True)
     except Exception:
-        return None  # not readable as a weights-only torch file: leave it to the regular loader (and its errors)
+        if not allow_pickle:
+            return None  # not readable as a weights-only torch file: leave it to the regular loader (and its errors)
+        try:
+            obj = torch.load(filename, map_location="cpu", weights_only=False)
+        except Exception:
+            return None
     if not is_official_state_dict(obj):
         return None
     sd, meta = unwrap_official_checkpoint(obj, name=filename)
@@ -333,12 +339,16 @@ def maybe_convert_official_file(
 class OfficialCheckpointMixin:
     """Mix into a Detectron2 ``DetectionCheckpointer`` (before it in the bases) to convert official Co-DETR
     checkpoints on load, from a path or a URL (``train.init_checkpoint``). Set ``official_strict = False`` on the
-    instance to load a checkpoint that does not map one-to-one (the report is logged)."""
+    instance to load a checkpoint that does not map one-to-one (the report is logged), ``official_allow_pickle =
+    True`` to read an official file whose metadata ``torch.load(weights_only=True)`` refuses (trusted files only)."""
 
     official_strict: bool = True
+    official_allow_pickle: bool = False
 
     def _load_file(self, filename: str):
-        converted = maybe_convert_official_file(filename, self.model, strict=self.official_strict)
+        converted = maybe_convert_official_file(
+            filename, self.model, strict=self.official_strict, allow_pickle=self.official_allow_pickle
+        )
         if converted is not None:
             return converted
         return super()._load_file(filename)
