@@ -258,3 +258,24 @@ def test_inference_without_soft_nms_is_plain_topk():
         flat = logits[b].sigmoid().flatten()
         idx = torch.stack([torch.nonzero(flat == s)[0, 0] for s in dets[b]["scores"]])
         assert torch.equal(dets[b]["labels"], idx % 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp_dtype", [None, torch.float16, torch.bfloat16])
+def test_cuda_training_and_eval(amp_dtype):
+    torch.manual_seed(13)
+    model = tiny_model().to("cuda")
+    assert model.pixel_mean.device.type == "cuda"
+    model.train()
+    batch = _batch(13)
+    with torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+        losses = model(batch)
+    assert all(torch.isfinite(v.float()) for v in losses.values())
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+        out = model(batch)
+    inst = out[0]["instances"]
+    assert inst.pred_boxes.tensor.device.type == "cuda" and torch.isfinite(inst.pred_boxes.tensor).all()
