@@ -5,11 +5,12 @@ pure-PyTorch path (``ms_deform_attn_pytorch``, grid_sample), forward and forward
 encoder shape of a 512x512 image (5 levels at strides 4..64: S = Lq = 21824, N=1, H=8, C=32, P=4)
 and a decoder shape (Lq = 900 queries on the same value). On a GPU the CUDA kernel is timed too.
 
-Sampling locations follow the model: encoder queries sample around their own pixel (offsets of a
-few pixels on every level), decoder queries sample inside random boxes.
+By default sampling locations follow the model: encoder queries sample around their own pixel
+(offsets of up to 4 pixels on every level), decoder queries sample inside random boxes.
+``--locations uniform`` draws them uniformly in [0, 1] instead (no locality: the worst case for caches).
 
     python3 tools/benchmark_ops.py                 # CPU (and CUDA when a GPU is visible)
-    python3 tools/benchmark_ops.py --repeats 5 --threads 2 --device cpu
+    python3 tools/benchmark_ops.py --repeats 5 --threads 2 --device cpu --locations uniform
 """
 import argparse
 import os
@@ -26,7 +27,7 @@ from codetr.layers.ms_deform_attn import ms_deform_attn, ms_deform_attn_pytorch 
 
 
 def make_inputs(kind, device, dtype, image_size=512, strides=(4, 8, 16, 32, 64), N=1, H=8, C=32, P=4,
-                num_queries=900, seed=0):
+                num_queries=900, seed=0, locations="model"):
     g = torch.Generator().manual_seed(seed)
     hw = [(-(-image_size // s), -(-image_size // s)) for s in strides]
     shapes = torch.tensor(hw, dtype=torch.int64)
@@ -50,9 +51,22 @@ def make_inputs(kind, device, dtype, image_size=512, strides=(4, 8, 16, 32, 64),
         centre = torch.rand(N, Lq, 1, 1, 1, 2, generator=g)
         size = torch.rand(N, Lq, 1, 1, 1, 2, generator=g) * 0.45 + 0.05
         loc = centre + (torch.rand(N, Lq, H, L, P, 2, generator=g) - 0.5) * size
+    if locations == "uniform":
+        loc = torch.rand(loc.shape, generator=g)
     attn = torch.rand(N, Lq, H, L * P, generator=g).softmax(-1).view(N, Lq, H, L, P)
     to = dict(device=device, dtype=dtype)
     return value.to(**to), shapes.to(device), starts.to(device), loc.contiguous().to(**to), attn.to(**to)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sync(device):
@@ -84,6 +98,8 @@ def main(argv=None):
                         help="cpu, cuda, or all available (default)")
     parser.add_argument("--shapes", choices=["encoder", "decoder", "both"], default="both")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--locations", choices=["model", "uniform"], default="model",
+                        help="sampling locations: around each query as in the model (default), or uniform in [0, 1]")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -103,8 +119,11 @@ def main(argv=None):
     elif args.device == "cuda":
         sys.exit("no GPU visible")
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs visible, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+    if hasattr(os, "getloadavg"):
+        print("load average at start: %.2f %.2f %.2f" % os.getloadavg())
+    print(f"dtype {args.dtype}, locations {args.locations}, median of {args.repeats} runs after {args.warmup} warm-up")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name()}")
     dtype = getattr(torch, args.dtype)
@@ -114,7 +133,7 @@ def main(argv=None):
     print("-" * len(header))
     for device in devices:
         for kind in kinds:
-            inputs = make_inputs(kind, device, dtype)
+            inputs = make_inputs(kind, device, dtype, locations=args.locations)
             Lq, S = inputs[3].shape[1], inputs[0].shape[1]
             for backward in (False, True):
                 t_k = time_fn(ms_deform_attn, inputs, backward, args.repeats, args.warmup, device)
@@ -122,6 +141,8 @@ def main(argv=None):
                 name = "fwd+bwd" if backward else "forward"
                 print(f"{device.type:6} {kind:8} {Lq:6d} {S:6d} {name:9} {t_k:11.4f} {t_p:12.4f} {t_p / t_k:6.1f}x",
                       flush=True)
+    if hasattr(os, "getloadavg"):
+        print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
 
 
 if __name__ == "__main__":

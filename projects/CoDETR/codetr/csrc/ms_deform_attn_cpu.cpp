@@ -1,12 +1,16 @@
 // Multi-scale deformable attention: C++ CPU kernels (forward and backward), float32 and float64.
 //
-// Forward: parallel over (batch, query); every task writes its own output rows.
-// Backward: parallel over (batch, head); a task owns the slice grad_value[n, :, h, :] and the
-// gradients of the sampling locations / attention weights of that (batch, head), so no two threads
-// ever write the same element (no atomics, no data race, deterministic results).
+// Forward: tasks are blocks of (batch, query) rows; every task writes its own output rows.
+// Backward: one task per (batch, head, level); it owns the slice grad_value[n, level, h, :] (the
+// level's pixels of that head) and the gradients of the sampling locations / attention weights of
+// that (batch, head, level), so no two threads ever write the same element (no atomics, no data
+// race, deterministic results). Every level gets Lq * P samples, so the tasks are of equal size.
+// Tasks are handed out dynamically (an atomic counter), so a thread that the OS preempts on a busy
+// machine does not hold the others up.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -143,6 +147,24 @@ inline void scatter_dot4(
   d[3] = r3;
 }
 
+// Runs f(task) for task in [0, num_tasks) on torch's intra-op threads, dynamically scheduled.
+template <typename F>
+void parallel_tasks(int64_t num_tasks, const F& f) {
+  if (num_tasks <= 0) {
+    return;
+  }
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) {
+      return;
+    }
+    for (int64_t task = next.fetch_add(1); task < num_tasks; task = next.fetch_add(1)) {
+      f(task);
+    }
+  });
+}
+
 template <typename scalar_t>
 void forward_kernel(
     const scalar_t* value,
@@ -159,11 +181,13 @@ void forward_kernel(
     int64_t P,
     int64_t Lq) {
   const int64_t row_stride = H * C;
-  // About 2k multiply-adds per query and head: a few dozen queries per task amortise the scheduling.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * L * P * C));
-  at::parallel_for(0, N * Lq, grain, [&](int64_t begin, int64_t end) {
+  // Blocks of rows of about 64k multiply-adds amortise the scheduling.
+  const int64_t rows = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, H * L * P * C));
+  const int64_t num_tasks = (N * Lq + rows - 1) / rows;
+  parallel_tasks(num_tasks, [&](int64_t task) {
     std::vector<scalar_t> zeros(C, scalar_t(0));
     Corners<scalar_t> k;
+    const int64_t begin = task * rows, end = std::min(N * Lq, begin + rows);
     for (int64_t nq = begin; nq < end; ++nq) {
       const int64_t n = nq / Lq;
       scalar_t* out_q = out + nq * H * C;
@@ -207,43 +231,38 @@ void backward_kernel(
     int64_t P,
     int64_t Lq) {
   const int64_t row_stride = H * C;
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(N * H * L, [&](int64_t task) {
     std::vector<scalar_t> zeros(C, scalar_t(0));
     std::vector<scalar_t> scratch(4 * C, scalar_t(0));  // write target of corners outside the map
     Corners<scalar_t> k;
     scalar_t d[4];
-    for (int64_t nh = begin; nh < end; ++nh) {
-      const int64_t n = nh / H, h = nh % H;
-      for (int64_t q = 0; q < Lq; ++q) {
-        const int64_t nq = n * Lq + q;
-        const scalar_t* g = grad_out + (nq * H + h) * C;
-        const int64_t base = (nq * H + h) * L * P;
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
-          const int64_t level_offset = (n * S + level_start[l]) * row_stride + h * C;
-          const scalar_t* level_value = value + level_offset;
-          scalar_t* level_grad = grad_value + level_offset;
-          for (int64_t p = 0; p < P; ++p) {
-            const int64_t j = base + l * P + p;
-            if (!corners(loc[2 * j], loc[2 * j + 1], height, width, level_value, row_stride, zeros.data(), k)) {
-              continue;  // grad_loc / grad_attn stay 0
-            }
-            const scalar_t a = attn[j];
-            scalar_t* gv[4];
-            for (int i = 0; i < 4; ++i) {
-              gv[i] = k.offset[i] >= 0 ? level_grad + k.offset[i] : scratch.data() + i * C;
-            }
-            scatter_dot4(
-                g, k.v[0], k.v[1], k.v[2], k.v[3], gv[0], gv[1], gv[2], gv[3], a * k.w[0], a * k.w[1],
-                a * k.w[2], a * k.w[3], C, d);
-            grad_attn[j] = k.w[0] * d[0] + k.w[1] * d[1] + k.w[2] * d[2] + k.w[3] * d[3];
-            // d(weights)/dx and d(weights)/dy of the bilinear weights, times the pixel scale.
-            const scalar_t gx = k.hy * (d[1] - d[0]) + k.ly * (d[3] - d[2]);
-            const scalar_t gy = k.hx * (d[2] - d[0]) + k.lx * (d[3] - d[1]);
-            grad_loc[2 * j] = a * gx * static_cast<scalar_t>(width);
-            grad_loc[2 * j + 1] = a * gy * static_cast<scalar_t>(height);
-          }
+    const int64_t l = task % L, h = (task / L) % H, n = task / (L * H);
+    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+    const int64_t level_offset = (n * S + level_start[l]) * row_stride + h * C;
+    const scalar_t* level_value = value + level_offset;
+    scalar_t* level_grad = grad_value + level_offset;
+    for (int64_t q = 0; q < Lq; ++q) {
+      const int64_t nqh = (n * Lq + q) * H + h;
+      const scalar_t* g = grad_out + nqh * C;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t j = (nqh * L + l) * P + p;
+        if (!corners(loc[2 * j], loc[2 * j + 1], height, width, level_value, row_stride, zeros.data(), k)) {
+          continue;  // grad_loc / grad_attn stay 0
         }
+        const scalar_t a = attn[j];
+        scalar_t* gv[4];
+        for (int i = 0; i < 4; ++i) {
+          gv[i] = k.offset[i] >= 0 ? level_grad + k.offset[i] : scratch.data() + i * C;
+        }
+        scatter_dot4(
+            g, k.v[0], k.v[1], k.v[2], k.v[3], gv[0], gv[1], gv[2], gv[3], a * k.w[0], a * k.w[1], a * k.w[2],
+            a * k.w[3], C, d);
+        grad_attn[j] = k.w[0] * d[0] + k.w[1] * d[1] + k.w[2] * d[2] + k.w[3] * d[3];
+        // d(weights)/dx and d(weights)/dy of the bilinear weights, times the pixel scale.
+        const scalar_t gx = k.hy * (d[1] - d[0]) + k.ly * (d[3] - d[2]);
+        const scalar_t gy = k.hx * (d[2] - d[0]) + k.lx * (d[3] - d[1]);
+        grad_loc[2 * j] = a * gx * static_cast<scalar_t>(width);
+        grad_loc[2 * j + 1] = a * gy * static_cast<scalar_t>(height);
       }
     }
   });
