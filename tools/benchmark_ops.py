@@ -75,18 +75,20 @@ def _sync(device):
 
 
 def time_fn(fn, inputs, backward, repeats, warmup, device):
-    times = []
+    """Median wall-clock seconds and median process CPU seconds (all threads) of one call."""
+    walls, cpus = [], []
     for i in range(warmup + repeats):
         args = [t.detach().requires_grad_(backward and t.is_floating_point()) for t in inputs]
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args)
         if backward:
             out.backward(torch.ones_like(out))
         _sync(device)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def main(argv=None):
@@ -128,7 +130,9 @@ def main(argv=None):
         print(f"GPU: {torch.cuda.get_device_name()}")
     dtype = getattr(torch, args.dtype)
     kinds = ["encoder", "decoder"] if args.shapes == "both" else [args.shapes]
-    header = f"{'device':6} {'shape':8} {'Lq':>6} {'S':>6} {'pass':9} {'kernel (s)':>11} {'pytorch (s)':>12} {'ratio':>7}"
+    print("wall: median wall-clock seconds; cpu: median process CPU seconds summed over threads (robust to other load)")
+    header = (f"{'device':6} {'shape':8} {'Lq':>6} {'S':>6} {'pass':8} {'kernel wall':>11} {'pytorch wall':>12} {'ratio':>6}"
+              f" {'kernel cpu':>10} {'pytorch cpu':>11} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for device in devices:
@@ -136,11 +140,11 @@ def main(argv=None):
             inputs = make_inputs(kind, device, dtype, locations=args.locations)
             Lq, S = inputs[3].shape[1], inputs[0].shape[1]
             for backward in (False, True):
-                t_k = time_fn(ms_deform_attn, inputs, backward, args.repeats, args.warmup, device)
-                t_p = time_fn(ms_deform_attn_pytorch, inputs, backward, args.repeats, args.warmup, device)
+                t_k, c_k = time_fn(ms_deform_attn, inputs, backward, args.repeats, args.warmup, device)
+                t_p, c_p = time_fn(ms_deform_attn_pytorch, inputs, backward, args.repeats, args.warmup, device)
                 name = "fwd+bwd" if backward else "forward"
-                print(f"{device.type:6} {kind:8} {Lq:6d} {S:6d} {name:9} {t_k:11.4f} {t_p:12.4f} {t_p / t_k:6.1f}x",
-                      flush=True)
+                print(f"{device.type:6} {kind:8} {Lq:6d} {S:6d} {name:8} {t_k:11.4f} {t_p:12.4f} {t_p / t_k:5.1f}x"
+                      f" {c_k:10.4f} {c_p:11.4f} {c_p / max(c_k, 1e-9):5.1f}x", flush=True)
     if hasattr(os, "getloadavg"):
         print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
 
