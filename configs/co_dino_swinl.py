@@ -20,16 +20,12 @@ from detectron2.config import LazyCall as L
 
 from codetr.modeling.backbone import SwinL
 
-from .co_dino_r50 import dataloader, lr_multiplier, model, optimizer, train
-from .common.models.co_dino_aux import collaborative
+from .co_dino_r50 import dataloader, lr_multiplier, model, optimizer, train  # incl. the collaborative branch
 
 model.backbone = L(SwinL)(drop_path_rate=0.3, use_checkpoint=False, out_indices=(0, 1, 2, 3))
 model.neck.in_features = ["p0", "p1", "p2", "p3"]
 model.neck.in_channels = [192, 384, 768, 1536]
 model.query_head.transformer.num_checkpoint = 6
-model.query_head.num_co_heads = 2
-model.collaborative = collaborative
-model.collaborative.num_classes = "${..query_head.num_classes}"
 
 dataloader.train.total_batch_size = 16  # 1 image per GPU x 16 GPUs (official)
 train.output_dir = "./output/co_dino_swinl"

@@ -34,7 +34,6 @@ from codetr.modeling.backbone import COCO_GLOBAL_BLOCKS, SFP, EVA02ViT, vit_laye
 from .co_dino_r50 import dataloader, optimizer, train
 from .co_dino_r50 import model
 from .common.co_dino_schedule import ITERS_PER_EPOCH
-from .common.models.co_dino_aux import collaborative
 
 # ---------------------------------------------------------------- model
 model.backbone = L(EVA02ViT)(
@@ -59,11 +58,8 @@ model.query_head.label_noise_ratio = 0.5
 model.query_head.box_noise_scale = 0.4
 model.query_head.max_per_img = 1000
 model.query_head.soft_nms = True
-model.query_head.num_co_heads = 2
 model.size_divisibility = 32
-
-model.collaborative = collaborative
-model.collaborative.num_classes = "${..query_head.num_classes}"
+# the collaborative branch (Faster R-CNN + ATSS, losses x12) comes with configs/co_dino_r50.py
 # ViT-L COCO RoI head: ConvFCBBoxHead, 4 convs (GN) + 1 FC, class-agnostic regression, stds 0.05/0.05/0.1/0.1
 _rcnn = model.collaborative.aux_heads[0]
 _rcnn.num_conv = 4
