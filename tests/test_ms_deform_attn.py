@@ -293,6 +293,24 @@ def test_invalid_inputs_raise_naming_the_argument(case, exc, name):
         ms_deform_attn(**_bad(case))
 
 
+def test_index_check_is_redone_after_in_place_change():
+    value, shapes, starts, loc, attn = make_inputs(dtype=torch.float64)
+    ms_deform_attn(value, shapes, starts, loc, attn)  # checked and remembered
+    ms_deform_attn(value, shapes, starts, loc, attn)
+    with pytest.raises(ValueError, match="value has S"):  # same index tensors, other S
+        ms_deform_attn(value[:, :-1], shapes, starts, loc, attn)
+    starts[1] += 1  # in place: the remembered check no longer holds
+    with pytest.raises(ValueError, match="level_start_index"):
+        ms_deform_attn(value, shapes, starts, loc, attn)
+    with torch.inference_mode():
+        shapes_inf = shapes.clone()
+        starts_inf = level_index(shapes_inf)
+        ms_deform_attn(value, shapes_inf, starts_inf, loc, attn)
+        starts_inf[1] += 1
+        with pytest.raises(ValueError, match="level_start_index"):
+            ms_deform_attn(value, shapes_inf, starts_inf, loc, attn)
+
+
 def test_kernel_rejects_bad_direct_calls(ext):
     value, shapes, starts, loc, attn = make_inputs(dtype=torch.float32)
     with pytest.raises(RuntimeError, match="contiguous"):

@@ -6,6 +6,7 @@ fallback when the extension is unavailable and for export.
 """
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
     """
     Validate the inputs of :func:`ms_deform_attn` (types, ranks, sizes, devices and the consistency of
     ``spatial_shapes`` / ``level_start_index`` with ``value``), raising TypeError/ValueError naming the
-    argument. Reads ``spatial_shapes`` and ``level_start_index`` on the host (one small copy).
+    argument. Reads ``spatial_shapes`` and ``level_start_index`` on the host (one small copy, a sync on CUDA),
+    except when the same two tensor objects, unchanged, were checked last with the same S.
     """
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     for name, t in zip(_ARG_NAMES, args):
@@ -142,6 +144,8 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
         raise ValueError(
             f"ms_deform_attn: attention_weights must have shape (N, Lq, H, L, P) = {(N, Lq, H, L, P)}, got {_shape(attention_weights)}"
         )
+    if _index_values_checked(spatial_shapes, level_start_index, S):
+        return
     # One host copy for both index tensors (a sync on CUDA; they are tiny).
     host = torch.cat([spatial_shapes.reshape(-1), level_start_index]).cpu().tolist()
     shapes, starts = host[: 2 * L], host[2 * L :]
@@ -159,6 +163,37 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
         raise ValueError(
             f"ms_deform_attn: level_start_index {starts} is inconsistent with spatial_shapes (expected {expected})"
         )
+    _remember_index_values(spatial_shapes, level_start_index, S)
+
+
+# The last (spatial_shapes, level_start_index) pair whose values were checked: a model passes the same two
+# tensors to every attention layer, so their host copy (a device sync on CUDA) happens once per forward.
+# Held by weak reference with the tensors' version counters, so an in-place change is checked again.
+_last_checked = None
+
+
+def _index_key(spatial_shapes, level_start_index, S):
+    if spatial_shapes.is_inference() or level_start_index.is_inference():
+        return None  # inference tensors have no version counter
+    return (spatial_shapes._version, level_start_index._version, S)
+
+
+def _index_values_checked(spatial_shapes, level_start_index, S):
+    last = _last_checked
+    if last is None:
+        return False
+    shapes_ref, starts_ref, key = last
+    return (
+        shapes_ref() is spatial_shapes
+        and starts_ref() is level_start_index
+        and key == _index_key(spatial_shapes, level_start_index, S)
+    )
+
+
+def _remember_index_values(spatial_shapes, level_start_index, S):
+    global _last_checked
+    key = _index_key(spatial_shapes, level_start_index, S)
+    _last_checked = None if key is None else (weakref.ref(spatial_shapes), weakref.ref(level_start_index), key)
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
