@@ -14,6 +14,10 @@ from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch, get_aux_targets, memory_to_maps
 from codetr.modeling.rcnn import RCNNBranch
 
+from dino_utils import one_thread  # noqa: F401,E402 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 5  # classes; background = 5
 
 

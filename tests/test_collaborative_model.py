@@ -9,7 +9,9 @@ from detectron2.utils.events import EventStorage
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.rcnn import RCNNBranch
-from dino_utils import random_input, tiny_model
+from dino_utils import one_thread, random_input, tiny_model  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NUM_CLASSES = 3
 AUX_HEAD_KEYS = {
