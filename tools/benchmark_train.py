@@ -114,6 +114,7 @@ def worker_timing(args):
             _sync(dev)
             if it > 0:
                 times.append(time.perf_counter() - t0)
+            print(f"{args.variant} iteration {it}: {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
     if dev.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
