@@ -113,40 +113,14 @@ def test_eval_outputs_identical_without_aux_modules():
 def test_tiny_codino_overfits_to_ap50(tmp_path):
     """The learning check of test_dino_overfit.py (same data, model, optimiser, criterion: AP50 >= 90 of the
     one-to-one head), with the collaborative branch on."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.evaluation import COCOEvaluator
-
-    from test_dino_overfit import MAX_ITERS, evaluate, make_data
+    from test_dino_overfit import make_data, overfit_evaluator, train_until_ap50
 
     torch.manual_seed(0)
     inputs, dicts = make_data()
-    name = "codetr_test_codino_overfit"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: dicts)
-    MetadataCatalog.get(name).set(thing_classes=["red", "green", "blue"])
-    evaluator = COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(tmp_path), max_dets_per_image=300)
-
+    evaluator = overfit_evaluator("codetr_test_codino_overfit", dicts, tmp_path)
     model = tiny_model(num_queries=15, num_dn_queries=10, embed_dim=32, width=16, num_co_heads=2)
     model.collaborative = tiny_collaborative(embed_dim=32, num_gn_groups=8)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    history = []
-    with EventStorage():
-        for it in range(1, MAX_ITERS + 1):
-            losses = model(inputs)
-            loss = sum(losses.values())
-            assert torch.isfinite(loss), (it, {k: v.item() for k, v in losses.items()})
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if it >= 30 and it % 10 == 0:
-                res = evaluate(model, inputs, evaluator)
-                history.append((it, res["AP50"], res["AP"]))
-                if res["AP50"] >= 90.0:
-                    break
+    history = train_until_ap50(model, inputs, evaluator)
     print(f"\ntiny Co-DINO overfit: history {history}")
     assert history[-1][1] >= 90.0, history
 

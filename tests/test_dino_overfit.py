@@ -8,6 +8,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BoxMode, Boxes, Instances
+from detectron2.utils.events import EventStorage
 
 from dino_utils import one_thread, tiny_model  # noqa: F401 (fixture)
 
@@ -59,34 +60,48 @@ def evaluate(model, inputs, evaluator):
     return evaluator.evaluate()["bbox"]
 
 
+def overfit_evaluator(name, dicts, output_dir):
+    """Register ``dicts`` as dataset ``name`` (replacing any earlier one) and return its COCOEvaluator."""
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(thing_classes=["red", "green", "blue"])
+    return COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(output_dir), max_dets_per_image=300)
+
+
+def train_until_ap50(model, inputs, evaluator, target=90.0, max_iters=MAX_ITERS):
+    """AdamW (lr 2e-3) on ``inputs`` until AP50 >= target (checked every 10 iterations from the 30th).
+
+    Returns the history [(iteration, AP50, AP), ...]. Runs under an EventStorage (detectron2's RPN/RoI heads log).
+    """
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    history = []
+    with EventStorage():
+        for it in range(1, max_iters + 1):
+            losses = model(inputs)
+            loss = sum(losses.values())
+            assert torch.isfinite(loss), (it, {k: v.item() for k, v in losses.items()})
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if it >= 30 and it % 10 == 0:
+                res = evaluate(model, inputs, evaluator)
+                history.append((it, res["AP50"], res["AP"]))
+                if res["AP50"] >= target:
+                    break
+    return history
+
+
 def test_tiny_dino_overfits_to_ap50(tmp_path, one_thread):
     torch.manual_seed(0)
     inputs, dicts = make_data()
-    if DATASET in DatasetCatalog.list():
-        DatasetCatalog.remove(DATASET)
-        MetadataCatalog.remove(DATASET)
-    DatasetCatalog.register(DATASET, lambda: dicts)
-    MetadataCatalog.get(DATASET).set(thing_classes=["red", "green", "blue"])
-    evaluator = COCOEvaluator(DATASET, tasks=("bbox",), distributed=False, output_dir=str(tmp_path), max_dets_per_image=300)
-
+    evaluator = overfit_evaluator(DATASET, dicts, tmp_path)
     model = tiny_model(num_queries=15, num_dn_queries=10, embed_dim=32, width=16)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
-    history = []
-    for it in range(1, MAX_ITERS + 1):
-        losses = model(inputs)
-        loss = sum(losses.values())
-        assert torch.isfinite(loss), (it, {k: v.item() for k, v in losses.items()})
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if it >= 30 and it % 10 == 0:
-            res = evaluate(model, inputs, evaluator)
-            history.append((it, res["AP50"], res["AP"]))
-            if res["AP50"] >= 90.0:
-                break
+    history = train_until_ap50(model, inputs, evaluator)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     print(
         f"\ntiny DINO overfit: AP50={history[-1][1]:.1f} AP={history[-1][2]:.1f} after {history[-1][0]} iterations; "
