@@ -8,8 +8,6 @@ from torchvision.ops import box_convert
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
-from .dino_head import validate_targets
-
 __all__ = ["CoDETR"]
 
 
@@ -105,8 +103,7 @@ class CoDETR(nn.Module):
         """gt Instances (XYXY pixels) -> per image ``labels``, ``boxes`` (cxcywh normalised), ``name``."""
         targets = []
         for i, (x, inst) in enumerate(zip(batched_inputs, gt_instances)):
-            h, w = norm_sizes[i].tolist()
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            scale = norm_sizes[i].flip(0).repeat(2)  # (w, h, w, h), no host sync
             boxes = inst.gt_boxes.tensor.float()
             targets.append(
                 dict(
@@ -124,8 +121,8 @@ class CoDETR(nn.Module):
                 if "instances" not in x:
                     raise ValueError(f"image {self._image_name(x, i)}: training needs 'instances' in every input")
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            # The query head validates them (class ids, finite and non-degenerate boxes) before matching.
             targets = self.prepare_targets(batched_inputs, gt_instances, norm_sizes)
-            validate_targets(targets, self.query_head.num_classes)  # before any heavy work
         features = self.neck(self.backbone(images.tensor))
         if self.training:
             losses, enc_ctx = self.query_head(features, masks, targets, norm_sizes)
