@@ -35,6 +35,8 @@ def test_memory_to_maps_inverts_flattening():
     memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # how the encoder flattens
     out = memory_to_maps(memory, torch.tensor(shapes))
     assert all(torch.equal(a, b) for a, b in zip(out, maps))
+    # contiguous NCHW (a strided view of the memory sends the aux heads' convs down a slow path)
+    assert all(m.is_contiguous() for m in out)
     with pytest.raises(ValueError, match="spatial_shapes"):
         memory_to_maps(memory[:, 1:], torch.tensor(shapes))
 

@@ -92,6 +92,7 @@ def test_forward_aux_losses_and_gradients():
     _, enc_ctx = model.query_head(feats, masks, targets, norm_sizes)
     for key in ("memory", "spatial_shapes", "level_start_index", "valid_ratios", "mask_flatten", "image_sizes"):
         assert key in enc_ctx
+    assert len(enc_ctx["memory_values"]) == len(model.query_head.transformer.decoder.layers)
     B, N = 2, 9
     assert enc_ctx["memory"].shape[0] == B and enc_ctx["mask_flatten"].shape == enc_ctx["memory"].shape[:2]
     memory = enc_ctx["memory"]
@@ -118,6 +119,47 @@ def test_forward_aux_losses_and_gradients():
     assert model.query_head.transformer.aux_pos_trans[0].weight.grad is None
     with pytest.raises(ValueError, match="head_idx"):
         model.query_head.aux_query_content(ref, 2)
+
+
+def test_shared_memory_values_equal_separate_passes():
+    """forward_aux with the one-to-one pass's per-layer value projections == a pass that projects the memory
+    itself (the official computation): same losses, same gradients on the memory and on value_proj."""
+    torch.manual_seed(5)
+    model = tiny_model(num_co_heads=1, lambda_1=1.0)
+    model.train()
+    batch = _batch(5)
+    images, masks, ns = model.preprocess_image(batch)
+    targets = model.prepare_targets(batch, [x["instances"] for x in batch], ns)
+    feats = [f.detach() for f in model.neck(model.backbone(images.tensor))]
+    g = torch.Generator().manual_seed(5)
+    ref = torch.rand(2, 9, 4, generator=g) * 0.4 + 0.3
+    labels = torch.randint(0, 4, (2, 9), generator=g)
+    t = dict(labels=labels, label_weights=torch.ones(2, 9), boxes=torch.rand(2, 9, 4, generator=g) * 0.4 + 0.3,
+             box_weights=(labels < 3).float())
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        torch.manual_seed(55)  # same denoising noise in both runs
+        main_losses, ctx = model.query_head(feats, masks, targets, ns)
+        assert "memory_values" in ctx
+        if not shared:
+            ctx = {k: v for k, v in ctx.items() if k != "memory_values"}
+        ctx["memory"].retain_grad()
+        aux = model.query_head.forward_aux(ctx, model.query_head.aux_query_content(ref, 0), ref, t, 0)
+        (sum(main_losses.values()) + sum(aux.values())).backward()
+        vp = model.query_head.transformer.decoder.layers[1].attentions[1].value_proj
+        results.append((aux, ctx["memory"].grad.clone(), vp.weight.grad.clone(), vp.bias.grad.clone()))
+    (aux_a, *grads_a), (aux_b, *grads_b) = results
+    assert aux_a.keys() == aux_b.keys()
+    for k in aux_a:
+        torch.testing.assert_close(aux_a[k], aux_b[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="memory_values"):
+        dec = model.query_head.transformer.decoder
+        dec(ref, ref, ctx["memory"], ctx["spatial_shapes"], ctx["level_start_index"], ctx["valid_ratios"],
+            ctx["mask_flatten"], model.query_head.reg_branches, memory_values=[ctx["memory"]])
 
 
 def test_lambda_1_scales_aux_losses():

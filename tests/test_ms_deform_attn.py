@@ -355,6 +355,28 @@ def test_module_kernel_matches_pytorch_path(ext, monkeypatch, box):
     torch.testing.assert_close(out, m(query, ref, value, shapes, starts), rtol=1e-5, atol=1e-6)
 
 
+def test_module_projected_value_path(ext):
+    """forward(project_value(v, mask), value_projected=True) == forward(v, value_padding_mask=mask), and the
+    projection itself is value_proj with padded rows zeroed (computed here directly in float64)."""
+    torch.manual_seed(0)
+    m = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=4, num_points=2)
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.1)
+    query, ref, value, shapes, starts = _module_inputs(box=True)
+    mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+    mask[1, -30:] = True
+    projected = m.project_value(value, mask)
+    w, b = m.value_proj.weight.double(), m.value_proj.bias.double()
+    expected = (value.double() @ w.T + b).masked_fill(mask[..., None], 0.0)
+    torch.testing.assert_close(projected.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        m(query, ref, projected, shapes, starts, value_projected=True), m(query, ref, value, shapes, starts, mask)
+    )
+    with pytest.raises(ValueError, match="projected value"):
+        m(query, ref, projected[:, :, :16], shapes, starts, value_projected=True)
+    with pytest.raises(ValueError, match="value must be"):
+        m.project_value(value[..., :16])
+
+
 def test_module_autocast_bf16_cpu(ext):
     torch.manual_seed(0)
     m = MultiScaleDeformableAttention(embed_dim=32, num_heads=4, num_levels=4, num_points=2)

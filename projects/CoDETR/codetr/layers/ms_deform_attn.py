@@ -297,7 +297,30 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query, reference_points, value, spatial_shapes, level_start_index, value_padding_mask=None):
+    def project_value(self, value, value_padding_mask=None):
+        """
+        The value projection alone: ``value_proj(value)`` with padded positions zeroed.
+
+        It depends only on ``value`` and this module's weights, so several query sets attending to the same
+        value (Co-DETR's extra decoder passes) can share one result: pass it to :meth:`forward` with
+        ``value_projected=True``. Gradients then add up in the shared tensor, as they would in the weights.
+
+        Args:
+            value: (N, S, C); value_padding_mask: optional (N, S) bool, True at padded positions.
+
+        Returns:
+            (N, S, C)
+        """
+        if value.dim() != 3 or value.shape[-1] != self.embed_dim:
+            raise ValueError(f"value must be (N, S, {self.embed_dim}), got {tuple(value.shape)}")
+        value = self.value_proj(value)
+        if value_padding_mask is not None:
+            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        return value
+
+    def forward(
+        self, query, reference_points, value, spatial_shapes, level_start_index, value_padding_mask=None, value_projected=False
+    ):
         """
         Args:
             query: (N, Lq, C), with its positional embedding already added.
@@ -306,6 +329,8 @@ class MultiScaleDeformableAttention(nn.Module):
             value: (N, S, C).
             spatial_shapes: (L, 2) int64 rows (h, w); level_start_index: (L,) int64.
             value_padding_mask: optional (N, S) bool, True at padded positions (their values are zeroed).
+            value_projected: ``value`` is already :meth:`project_value`'s output (``value_padding_mask`` is
+                then ignored: the padding was zeroed there).
 
         Returns:
             (N, Lq, C)
@@ -313,9 +338,11 @@ class MultiScaleDeformableAttention(nn.Module):
         N, Lq, _ = query.shape
         S = value.shape[1]
         H, L, P = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(value)
-        if value_padding_mask is not None:
-            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+        if value_projected:
+            if value.shape != (N, S, self.embed_dim):
+                raise ValueError(f"projected value must be (N={N}, S, {self.embed_dim}), got {tuple(value.shape)}")
+        else:
+            value = self.project_value(value, value_padding_mask)
         value = value.view(N, S, H, self.embed_dim // H)
         offsets = self.sampling_offsets(query).view(N, Lq, H, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, H, L * P).softmax(-1).view(N, Lq, H, L, P)

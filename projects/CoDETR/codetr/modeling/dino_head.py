@@ -183,6 +183,7 @@ class DINOHead(nn.Module):
         return torch.stack(logits), torch.stack(boxes)
 
     def decode(self, enc_ctx, query, reference, attn_mask=None):
+        """Run the decoder; reuses ``enc_ctx["memory_values"]`` (the per-layer value projections) when present."""
         return self.transformer.decoder(
             query,
             reference,
@@ -193,6 +194,7 @@ class DINOHead(nn.Module):
             enc_ctx["mask_flatten"],
             self.reg_branches,
             attn_mask,
+            memory_values=enc_ctx.get("memory_values"),
         )
 
     # ------------------------------------------------------------------ losses
@@ -284,7 +286,8 @@ class DINOHead(nn.Module):
         Returns:
             training: (losses dict, enc_ctx dict). enc_ctx: ``memory`` (B, S, C), ``spatial_shapes`` (L, 2),
             ``level_start_index`` (L,), ``valid_ratios`` (B, L, 2), ``mask_flatten`` (B, S),
-            ``image_sizes`` (B, 2) (h, w).
+            ``image_sizes`` (B, 2) (h, w); with ``num_co_heads > 0`` also ``memory_values`` (the decoder's
+            per-layer value projections of ``memory``, reused by :meth:`forward_aux`).
             eval: (logits (B, K, num_classes), boxes (B, K, 4) normalised cxcywh) of the last layer.
         """
         enc_ctx = self.transformer.encode(features, self.level_masks(masks, features))
@@ -301,6 +304,9 @@ class DINOHead(nn.Module):
         if targets is None:
             raise ValueError("DINOHead needs targets in training mode")
         validate_targets(targets, self.num_classes)
+        if self.num_co_heads > 0:
+            # the positive-query passes (forward_aux) read the same memory: project it once per layer for all
+            enc_ctx["memory_values"] = self.transformer.decoder.project_memory(enc_ctx["memory"], enc_ctx["mask_flatten"])
         K = query.shape[1]
         dn_query, dn_ref, attn_mask, dn_meta = self.dn_generator(targets, self.label_embedding, K)
         P = dn_meta["pad_size"]

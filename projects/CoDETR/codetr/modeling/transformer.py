@@ -122,10 +122,21 @@ class DINODecoderLayer(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(3)])
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask, attn_mask=None):
-        """query, query_pos: (B, N, C); reference_points: (B, N, L, 4); memory: (B, S, C) -> (B, N, C)."""
+    def forward(
+        self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask, attn_mask=None,
+        memory_value=None,
+    ):
+        """
+        query, query_pos: (B, N, C); reference_points: (B, N, L, 4); memory: (B, S, C) -> (B, N, C).
+        ``memory_value``: optional (B, S, C), the cross-attention's ``project_value(memory, padding_mask)``
+        computed beforehand (shared by several decoder passes); ``memory`` is then not read.
+        """
         query = self.norms[0](self.attentions[0](query, query_pos, attn_mask))
-        attn = self.attentions[1](query + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+        cross = self.attentions[1]
+        if memory_value is None:
+            attn = cross(query + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+        else:
+            attn = cross(query + query_pos, reference_points, memory_value, spatial_shapes, level_start_index, value_projected=True)
         query = self.norms[1](query + self.dropout(attn))
         return self.norms[2](self.ffns[0](query))
 
@@ -146,8 +157,20 @@ class DINODecoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.embed_dim = embed_dim
 
+    def project_memory(self, memory: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> List[torch.Tensor]:
+        """
+        Every layer's cross-attention value projection of ``memory`` (B, S, C) -> list of num_layers (B, S, C).
+
+        Pass the list as ``memory_values`` to run several decoder passes over the same memory (Co-DETR: the
+        one-to-one pass and one pass per auxiliary head) while projecting the memory once per layer: the
+        results are those of separate passes, at a fraction of the cost (the projection is a (B*S, C) x (C, C)
+        matmul per layer, forward and backward, while the queries number a few hundred).
+        """
+        return [layer.attentions[1].project_value(memory, padding_mask) for layer in self.layers]
+
     def forward(
-        self, query, reference, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, reg_branches, attn_mask=None
+        self, query, reference, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, reg_branches, attn_mask=None,
+        memory_values: Optional[List[torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Args:
@@ -155,18 +178,22 @@ class DINODecoder(nn.Module):
             memory: (B, S, C); valid_ratios: (B, L, 2); padding_mask: (B, S).
             reg_branches: one regression MLP per layer.
             attn_mask: optional (N, N) bool self-attention mask (True = blocked).
+            memory_values: optional :meth:`project_memory` output for this ``memory`` and ``padding_mask``.
 
         Returns:
             hidden: (num_layers, B, N, C), the final-LayerNorm'ed output of every layer;
             references: list of num_layers + 1 tensors (B, N, 4): the initial reference, then each
             layer's refined boxes (not detached: "look forward twice").
         """
+        if memory_values is not None and len(memory_values) != len(self.layers):
+            raise ValueError(f"memory_values has {len(memory_values)} entries for {len(self.layers)} decoder layers")
         hidden, refs = [], [reference]
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
         for lid, layer in enumerate(self.layers):
             ref_input = reference[:, :, None] * ratios
             query_pos = self.ref_point_head(box_sine_embed(ref_input[:, :, 0], self.embed_dim // 2, 10000.0, "yxwh"))
-            query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask)
+            value = None if memory_values is None else memory_values[lid]
+            query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask, value)
             new_ref = (reg_branches[lid](query) + inverse_sigmoid(reference, eps=1e-3)).sigmoid()
             reference = new_ref.detach()
             hidden.append(self.norm(query))
