@@ -1,6 +1,6 @@
 """Build and install the ``codetr`` package and its ``codetr._C`` extension.
 
-The C++ CPU kernels of multi-scale deformable attention are always built. The CUDA kernels are
+The C++ CPU kernels (multi-scale deformable attention, RoIAlign) are always built. The CUDA kernels are
 built as well when ``FORCE_CUDA=1`` is set or a GPU is visible; the build itself never needs a GPU
 (``TORCH_CUDA_ARCH_LIST`` selects the architectures). Install with::
 
@@ -29,7 +29,11 @@ def get_extensions():
     if not sources:
         return []
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
-    extra_compile_args = {"cxx": ["-O3"]}
+    # -fopenmp: at::parallel_for (ATen/Parallel.h, inlined into our kernels) only runs in parallel when the
+    # extension itself is compiled with OpenMP; without it every kernel runs on one thread. The OpenMP
+    # runtime is libgomp.so.1, the one torch already loaded.
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    extra_link_args = ["-fopenmp"]
     define_macros = []
     extension = CppExtension
     if _want_cuda() and cuda_sources:
@@ -56,6 +60,7 @@ def get_extensions():
             include_dirs=[os.path.join(ROOT, CSRC)],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     ]
 

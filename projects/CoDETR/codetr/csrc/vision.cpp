@@ -1,7 +1,9 @@
-// The codetr._C extension module: multi-scale deformable attention, dispatched on value's device.
+// The codetr._C extension module: multi-scale deformable attention, dispatched on value's device, and the
+// CPU RoIAlign kernels.
 #include <torch/extension.h>
 
 #include "ms_deform_attn.h"
+#include "roi_align.h"
 
 namespace codetr {
 
@@ -52,7 +54,7 @@ static bool with_cuda() {
 }  // namespace codetr
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Co-DETR compiled ops (multi-scale deformable attention)";
+  m.doc() = "Co-DETR compiled ops (multi-scale deformable attention, CPU RoIAlign)";
   m.def(
       "ms_deform_attn_forward", &codetr::ms_deform_attn_forward,
       "multi-scale deformable attention forward: (value, spatial_shapes, level_start_index, "
@@ -61,5 +63,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "ms_deform_attn_backward", &codetr::ms_deform_attn_backward,
       "multi-scale deformable attention backward: (..., grad_output) -> [grad_value, "
       "grad_sampling_locations, grad_attention_weights]");
+  m.def(
+      "roi_align_forward", &codetr::roi_align_cpu_forward,
+      "RoIAlign forward on the CPU (torchvision semantics): (input (N, C, H, W), rois (K, 5), spatial_scale, "
+      "pooled_height, pooled_width, sampling_ratio, aligned) -> output (K, C, pooled_height, pooled_width)");
+  m.def(
+      "roi_align_backward", &codetr::roi_align_cpu_backward,
+      "RoIAlign backward on the CPU: (grad_output (K, C, PH, PW), rois, spatial_scale, pooled_height, "
+      "pooled_width, batch_size, channels, height, width, sampling_ratio, aligned) -> grad_input (N, C, H, W)");
   m.def("with_cuda", &codetr::with_cuda, "whether codetr._C was built with the CUDA kernels");
 }

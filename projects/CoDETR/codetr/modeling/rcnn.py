@@ -4,6 +4,11 @@ Nothing of Faster R-CNN is rewritten here: :class:`RCNNBranch` builds detectron2
 ``DefaultAnchorGenerator``) and ``StandardROIHeads`` (``ROIPooler``, ``FastRCNNConvFCHead``,
 ``FastRCNNOutputLayers``) with the official Co-DINO hyper-parameters, and only adds what Co-DETR needs on top:
 
+- RoIAlign on the CPU runs ``codetr.layers.ROIAlign`` (multi-threaded C++ kernels of ``codetr._C``, same values as
+  torchvision's, which detectron2 calls): the ``ROIPooler`` is detectron2's (level assignment, output layout), only
+  its per-level ``level_poolers`` are swapped, with the same output size, scale, sampling ratio and alignment; on a GPU
+  (or without the extension) the module calls torchvision as before. It has no parameters: state-dict keys are
+  unchanged;
 - loss keys carrying the head index (``loss_rpn_cls0``, ``loss_rpn_bbox0``, ``loss_cls0``, ``loss_bbox0``);
 - the *positives* handed to the query head: the RoIs sampled by ``StandardROIHeads.label_and_sample_proposals``
   (512 per image, GT boxes appended as proposals, positives first), truncated to the smallest per-image count
@@ -42,7 +47,20 @@ from detectron2.modeling.proposal_generator import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import FastRCNNConvFCHead, FastRCNNOutputLayers, StandardROIHeads
 from detectron2.structures import ImageList, Instances
 
+from codetr.layers import ROIAlign
+
 __all__ = ["RCNNBranch"]
+
+
+def _use_codetr_roi_align(pooler: ROIPooler) -> None:
+    """Replace each detectron2 ``ROIAlign`` in ``pooler.level_poolers`` by codetr's, with the same settings."""
+    for i, level_pooler in enumerate(pooler.level_poolers):
+        pooler.level_poolers[i] = ROIAlign(
+            level_pooler.output_size,
+            spatial_scale=level_pooler.spatial_scale,
+            sampling_ratio=level_pooler.sampling_ratio,
+            aligned=level_pooler.aligned,
+        )
 
 
 class RCNNBranch(nn.Module):
@@ -145,6 +163,7 @@ class RCNNBranch(nn.Module):
             canonical_box_size=roi_finest_scale,
             canonical_level=min_level,
         )
+        _use_codetr_roi_align(pooler)
         box_head = FastRCNNConvFCHead(
             ShapeSpec(channels=in_channels, height=roi_pooler_resolution, width=roi_pooler_resolution),
             conv_dims=[in_channels] * num_conv,
