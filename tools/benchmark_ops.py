@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """
-Benchmark multi-scale deformable attention: the compiled kernels of ``codetr._C`` against the
+Benchmark the compiled ops of ``codetr._C``.
+
+``--op ms_deform_attn`` (default): multi-scale deformable attention, the compiled kernels of ``codetr._C`` against the
 pure-PyTorch path (``ms_deform_attn_pytorch``, grid_sample), forward and forward+backward, at the
 encoder shape of a 512x512 image (5 levels at strides 4..64: S = Lq = 21824, N=1, H=8, C=32, P=4)
 and a decoder shape (Lq = 900 queries on the same value). On a GPU the CUDA kernel is timed too.
@@ -11,8 +13,18 @@ By default sampling locations follow the model: encoder queries sample around th
 
     python3 tools/benchmark_ops.py                 # CPU (and CUDA when a GPU is visible)
     python3 tools/benchmark_ops.py --repeats 5 --threads 2 --device cpu --locations uniform
+
+``--op roi_align``: the CPU RoIAlign of ``codetr.layers.roi_align`` against torchvision's, through detectron2's
+``ROIPooler`` as Co-DINO's Faster R-CNN branch uses it (ROIAlignV2, adaptive sampling, 7x7, canonical box 56 at
+level 2) on the Co-DINO shape: 5 maps (2, 256, 96/48/24/12/6 squared) of a 2-image 384x384 batch, 512 boxes per
+image (width and height log-uniform in [16, 300] px, inside the image), 1024 RoIs spread over the levels by the
+pooler. The same pooler is timed with detectron2's level poolers (torchvision) and with ``codetr``'s
+``ROIAlign`` swapped in (as ``RCNNBranch`` does); the backward is the input gradient of the 5 maps.
+
+    python3 tools/benchmark_ops.py --op roi_align --threads 2 --repeats 5
 """
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -91,8 +103,87 @@ def time_fn(fn, inputs, backward, repeats, warmup, device):
     return statistics.median(walls), statistics.median(cpus)
 
 
+def make_roi_inputs(seed=0, image_size=384, batch=2, channels=256, strides=(4, 8, 16, 32, 64), boxes_per_image=512,
+                    min_size=16.0, max_size=300.0, dtype=torch.float32):
+    """Feature maps (list of (B, C, h, w)) and per-image Boxes as in Co-DINO's RoI branch."""
+    from detectron2.structures import Boxes
+
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(batch, channels, image_size // s, image_size // s, generator=g, dtype=dtype) for s in strides]
+    boxes = []
+    for _ in range(batch):
+        # Width and height log-uniform in [min_size, max_size] (as many boxes per octave of size).
+        lo, hi = math.log(min_size), math.log(max_size)
+        wh = torch.exp(torch.rand(boxes_per_image, 2, generator=g) * (hi - lo) + lo)
+        xy = torch.rand(boxes_per_image, 2, generator=g) * (image_size - wh)
+        boxes.append(Boxes(torch.cat([xy, xy + wh], 1).to(dtype)))
+    return feats, boxes
+
+
+def make_poolers(strides=(4, 8, 16, 32, 64), output_size=7, canonical_box_size=56):
+    """detectron2's ROIPooler as in RCNNBranch, and a copy whose level poolers are codetr's ROIAlign."""
+    from detectron2.modeling.poolers import ROIPooler
+
+    from codetr.layers import ROIAlign
+
+    def build():
+        return ROIPooler(output_size=output_size, scales=[1.0 / s for s in strides], sampling_ratio=0,
+                         pooler_type="ROIAlignV2", canonical_box_size=canonical_box_size,
+                         canonical_level=int(math.log2(strides[0])))
+
+    original, patched = build(), build()
+    for i, p in enumerate(patched.level_poolers):
+        patched.level_poolers[i] = ROIAlign(p.output_size, p.spatial_scale, p.sampling_ratio, p.aligned)
+    return original, patched
+
+
+def time_pooler(pooler, feats, boxes, repeats, warmup):
+    """Median wall / process-CPU seconds of the forward and of the backward (into the maps) of one call."""
+    fw, fc, bw, bc = [], [], [], []
+    for i in range(warmup + repeats):
+        xs = [f.detach().requires_grad_(True) for f in feats]
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = pooler(xs, boxes)
+        t1, c1 = time.perf_counter(), time.process_time()
+        out.backward(torch.ones_like(out))
+        t2, c2 = time.perf_counter(), time.process_time()
+        if i >= warmup:
+            fw.append(t1 - t0)
+            fc.append(c1 - c0)
+            bw.append(t2 - t1)
+            bc.append(c2 - c1)
+    med = statistics.median
+    return (med(fw), med(fc)), (med(bw), med(bc)), (med([a + b for a, b in zip(fw, bw)]), med([a + b for a, b in zip(fc, bc)]))
+
+
+def main_roi_align(args):
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+
+    dtype = getattr(torch, args.dtype)
+    feats, boxes = make_roi_inputs(dtype=dtype)
+    original, patched = make_poolers()
+    levels = assign_boxes_to_levels(boxes, original.min_level, original.max_level, original.canonical_box_size,
+                                    original.canonical_level)
+    print(f"maps {[tuple(f.shape) for f in feats]}, {sum(len(b) for b in boxes)} RoIs, "
+          f"per level {torch.bincount(levels, minlength=len(feats)).tolist()}, dtype {args.dtype}, "
+          f"median of {args.repeats} runs after {args.warmup} warm-up")
+    with torch.no_grad():
+        same = torch.equal(original(feats, boxes), patched(feats, boxes))
+    print(f"pooled features bitwise equal: {same}")
+    print("wall: median wall-clock seconds; cpu: median process CPU seconds summed over threads")
+    header = f"{'pass':8} {'torchvision wall':>16} {'codetr wall':>11} {'ratio':>6} {'torchvision cpu':>15} {'codetr cpu':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    tv = time_pooler(original, feats, boxes, args.repeats, args.warmup)
+    ours = time_pooler(patched, feats, boxes, args.repeats, args.warmup)
+    for name, (tw, tc), (ow, oc) in zip(("forward", "backward", "total"), tv, ours):
+        print(f"{name:8} {tw:16.4f} {ow:11.4f} {tw / ow:5.2f}x {tc:15.4f} {oc:10.4f} {tc / max(oc, 1e-9):5.2f}x", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=["ms_deform_attn", "roi_align"], default="ms_deform_attn",
+                        help="the op to benchmark (roi_align: CPU only; --device/--shapes/--locations do not apply)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -110,6 +201,17 @@ def main(argv=None):
         from codetr import _C
     except ImportError as e:
         sys.exit(f"codetr._C is not built ({e}); build it with `python3 setup.py build_ext --inplace`")
+    if args.op == "roi_align":
+        if not hasattr(_C, "roi_align_forward"):
+            sys.exit("codetr._C has no RoIAlign kernels; rebuild it with `python3 setup.py build_ext --inplace`")
+        print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs visible, "
+              f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+        if hasattr(os, "getloadavg"):
+            print("load average at start: %.2f %.2f %.2f" % os.getloadavg())
+        main_roi_align(args)
+        if hasattr(os, "getloadavg"):
+            print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
+        return
     devices = []
     if args.device in ("cpu", "all"):
         devices.append(torch.device("cpu"))
