@@ -8,7 +8,8 @@ Sub-commands (``all`` runs params, timing and eval; ``converge`` is separate bec
 - ``timing``: one training iteration (forward + backward + AdamW step) of Co-DINO and of the same config with the
   collaborative branch removed (``model.collaborative = None``, ``num_co_heads = 0``), each in its own process:
   mean time over ``--iters`` iterations after one warm-up, and peak memory (CUDA: max allocated; CPU: the process'
-  peak RSS). Printed with the Co-DINO / DINO ratios.
+  peak RSS). Printed with the Co-DINO / DINO ratios. ``--rounds R`` repeats the pair R times (alternating which
+  variant goes first) and reports medians: on a shared CPU one process-to-process swing can reach 15-20%.
 - ``eval``: eval forward time of Co-DINO with and without its auxiliary modules attached (same weights), and
   whether the outputs are identical.
 - ``converge``: trains a small Co-DINO and the same model without the collaborative branch on the same
@@ -18,6 +19,7 @@ Sub-commands (``all`` runs params, timing and eval; ``converge`` is separate bec
 Examples::
 
     python tools/benchmark_train.py all --device cpu --size 512 --batch 2 --iters 2
+    python tools/benchmark_train.py timing --device cpu --size 384 --batch 2 --iters 3 --rounds 3
     python tools/benchmark_train.py converge --iters 300
 """
 import argparse
@@ -134,13 +136,26 @@ def _run_child(args, variant):
 
 
 def cmd_timing(args):
-    co = _run_child(args, "codino")
-    dino = _run_child(args, "dino")
+    """``--rounds`` rounds, each timing both variants in fresh processes (alternating which goes first, so that
+    drifting machine load does not favour one); reports per-variant medians and the per-round ratios."""
+    rounds = []
+    for r in range(args.rounds):
+        order = ("codino", "dino") if r % 2 == 0 else ("dino", "codino")
+        got = {v: _run_child(args, v) for v in order}
+        rounds.append(got)
+        print(f"round {r}: codino {got['codino']['iter_s']:.2f}s dino {got['dino']['iter_s']:.2f}s "
+              f"ratio {got['codino']['iter_s'] / got['dino']['iter_s']:.3f}", file=sys.stderr, flush=True)
+    co_t = [g["codino"]["iter_s"] for g in rounds]
+    dino_t = [g["dino"]["iter_s"] for g in rounds]
+    ratios = [c / d for c, d in zip(co_t, dino_t)]
+    co_m = float(np.median([g["codino"]["peak_mib"] for g in rounds]))
+    dino_m = float(np.median([g["dino"]["peak_mib"] for g in rounds]))
     res = {
-        "device": args.device, "size": args.size, "batch": args.batch, "iters": args.iters,
-        "codino_iter_s": co["iter_s"], "dino_iter_s": dino["iter_s"], "iter_time_ratio": co["iter_s"] / dino["iter_s"],
-        "codino_peak_mib": co["peak_mib"], "dino_peak_mib": dino["peak_mib"],
-        "peak_memory_ratio": co["peak_mib"] / dino["peak_mib"],
+        "device": args.device, "size": args.size, "batch": args.batch, "iters": args.iters, "rounds": args.rounds,
+        "codino_iter_s": float(np.median(co_t)), "dino_iter_s": float(np.median(dino_t)),
+        "iter_time_ratio": float(np.median(co_t) / np.median(dino_t)),
+        "round_ratios": [round(x, 3) for x in ratios],
+        "codino_peak_mib": co_m, "dino_peak_mib": dino_m, "peak_memory_ratio": co_m / dino_m,
     }
     print(json.dumps(res))
     return res
@@ -339,6 +354,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=512, help="square training image size for timing/eval")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timing: rounds of (Co-DINO, DINO) processes; medians are reported (use 3+ on a noisy machine)")
     p.add_argument("--variant", default="codino", choices=["codino", "dino"])
     p.add_argument("--num-train", type=int, default=64)
     p.add_argument("--num-val", type=int, default=32)
