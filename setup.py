@@ -8,6 +8,7 @@ built as well when ``FORCE_CUDA=1`` is set or a GPU is visible; the build itself
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -31,9 +32,11 @@ def get_extensions():
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     # -fopenmp: at::parallel_for (ATen/Parallel.h, inlined into our kernels) only runs in parallel when the
     # extension itself is compiled with OpenMP; without it every kernel runs on one thread. The OpenMP
-    # runtime is libgomp.so.1, the one torch already loaded.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
-    extra_link_args = ["-fopenmp"]
+    # runtime is libgomp.so.1, the one torch already loaded. Linux only: elsewhere (macOS clang without libomp,
+    # MSVC) the kernels build without it and run on one thread. CODETR_NO_OPENMP=1 turns it off.
+    use_openmp = sys.platform.startswith("linux") and os.environ.get("CODETR_NO_OPENMP", "0") != "1"
+    extra_compile_args = {"cxx": ["-O3"] + (["-fopenmp"] if use_openmp else [])}
+    extra_link_args = ["-fopenmp"] if use_openmp else []
     define_macros = []
     extension = CppExtension
     if _want_cuda() and cuda_sources:

@@ -8,6 +8,8 @@ only where a GPU is visible.
 """
 import importlib
 import math
+import os
+import sys
 import warnings
 
 import pytest
@@ -316,6 +318,14 @@ def test_kernel_rejects_bad_direct_calls(ext):
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.ms_deform_attn_forward(value.transpose(1, 2).contiguous().transpose(1, 2), shapes, starts, loc, attn)
     assert isinstance(ext.with_cuda(), bool)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.environ.get("CODETR_NO_OPENMP") == "1",
+                    reason="setup.py adds -fopenmp on Linux only")
+def test_cpu_kernels_built_with_openmp(ext):
+    """Without -fopenmp, at::parallel_for runs serially and every CPU kernel uses one thread (a silent 2x loss on
+    2 cores): the build must have it."""
+    assert ext.with_openmp(), "codetr._C was compiled without -fopenmp: its CPU kernels run on one thread"
 
 
 def test_fallback_without_extension_warns_once(monkeypatch):

@@ -51,6 +51,15 @@ static bool with_cuda() {
 #endif
 }
 
+// Whether at::parallel_for in our kernels can use several threads (it is serial unless compiled with OpenMP).
+static bool with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace codetr
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -72,4 +81,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "RoIAlign backward on the CPU: (grad_output (K, C, PH, PW), rois, spatial_scale, pooled_height, "
       "pooled_width, batch_size, channels, height, width, sampling_ratio, aligned) -> grad_input (N, C, H, W)");
   m.def("with_cuda", &codetr::with_cuda, "whether codetr._C was built with the CUDA kernels");
+  m.def("with_openmp", &codetr::with_openmp, "whether the CPU kernels were compiled with OpenMP (multi-threaded)");
 }
