@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ms_deform_attn.h"
+#include "parallel.h"
 
 namespace codetr {
 namespace {
@@ -145,24 +146,6 @@ inline void scatter_dot4(
   d[1] = r1;
   d[2] = r2;
   d[3] = r3;
-}
-
-// Runs f(task) for task in [0, num_tasks) on torch's intra-op threads, dynamically scheduled.
-template <typename F>
-void parallel_tasks(int64_t num_tasks, const F& f) {
-  if (num_tasks <= 0) {
-    return;
-  }
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    if (begin >= end) {
-      return;
-    }
-    for (int64_t task = next.fetch_add(1); task < num_tasks; task = next.fetch_add(1)) {
-      f(task);
-    }
-  });
 }
 
 template <typename scalar_t>

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "roi_align.h"
+#include "parallel.h"
 
 namespace codetr {
 namespace {
@@ -178,25 +179,6 @@ int32_t build_taps(
 
 inline bool is_power_of_two(int64_t v) {
   return v > 0 && (v & (v - 1)) == 0;
-}
-
-// Runs f(task) for task in [0, num_tasks) on torch's intra-op threads, handed out dynamically (an atomic
-// counter), so a thread preempted on a busy machine does not hold the others up.
-template <typename F>
-void parallel_tasks(int64_t num_tasks, const F& f) {
-  if (num_tasks <= 0) {
-    return;
-  }
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    if (begin >= end) {
-      return;
-    }
-    for (int64_t task = next.fetch_add(1); task < num_tasks; task = next.fetch_add(1)) {
-      f(task);
-    }
-  });
 }
 
 // A vector of four T (GCC/Clang vector extension).
