@@ -321,13 +321,14 @@ def cmd_converge(args):
     h, w = 160, 224
     train = synthetic_images(args.num_train, h, w, num_classes, seed=0)
     val = synthetic_images(args.num_val, h, w, num_classes, seed=1)
-    res = {"iters": args.iters, "batch": args.batch, "num_train": args.num_train, "num_val": args.num_val}
+    res = {"iters": args.iters, "batch": args.batch, "num_train": args.num_train, "num_val": args.num_val,
+           "seed": args.seed}
     for name, collab in (("codino", True), ("dino", False)):
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)  # same initial weights (where shared) for both models
         model = small_model(num_classes, collab).to(args.device)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
-        rng = np.random.default_rng(0)  # same batches for both models
+        rng = np.random.default_rng(args.seed)  # same batches for both models
         t0 = time.perf_counter()
         with EventStorage():
             for it in range(args.iters):
@@ -360,6 +361,7 @@ def main(argv=None):
     p.add_argument("--num-train", type=int, default=64)
     p.add_argument("--num-val", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--seed", type=int, default=0, help="converge: initialisation and batch-order seed (the data is fixed)")
     args = p.parse_args(argv)
     if args.command == "_timing_worker":
         return worker_timing(args)
