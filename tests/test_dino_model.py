@@ -28,6 +28,13 @@ def _batch(seed=0, counts=(3, 1)):
     return [random_input(*sizes[i % 3], n, name=f"img{i}.jpg", generator=g) for i, n in enumerate(counts)]
 
 
+def _head_inputs(model, batch):
+    """What CoDETR hands its query head: neck features, padding masks, targets, normalisation sizes."""
+    images, masks, sizes = model.preprocess_image(batch)
+    targets = model.prepare_targets(batch, [x["instances"] for x in batch], sizes)
+    return model.neck(model.backbone(images.tensor)), masks, targets, sizes
+
+
 def test_training_step_keys_and_all_gradients():
     torch.manual_seed(0)
     model = tiny_model()
@@ -86,9 +93,7 @@ def test_forward_aux_losses_and_gradients():
     model = tiny_model(num_co_heads=2, lambda_1=1.0)
     model.train()
     batch = _batch(3)
-    images, masks, norm_sizes = model.preprocess_image(batch)
-    targets = model.prepare_targets(batch, [x["instances"] for x in batch], norm_sizes)
-    feats = model.neck(model.backbone(images.tensor))
+    feats, masks, targets, norm_sizes = _head_inputs(model, batch)
     _, enc_ctx = model.query_head(feats, masks, targets, norm_sizes)
     for key in ("memory", "spatial_shapes", "level_start_index", "valid_ratios", "mask_flatten", "image_sizes"):
         assert key in enc_ctx
@@ -128,9 +133,8 @@ def test_shared_memory_values_equal_separate_passes():
     model = tiny_model(num_co_heads=1, lambda_1=1.0)
     model.train()
     batch = _batch(5)
-    images, masks, ns = model.preprocess_image(batch)
-    targets = model.prepare_targets(batch, [x["instances"] for x in batch], ns)
-    feats = [f.detach() for f in model.neck(model.backbone(images.tensor))]
+    feats, masks, targets, ns = _head_inputs(model, batch)
+    feats = [f.detach() for f in feats]
     g = torch.Generator().manual_seed(5)
     ref = torch.rand(2, 9, 4, generator=g) * 0.4 + 0.3
     labels = torch.randint(0, 4, (2, 9), generator=g)
@@ -167,10 +171,8 @@ def test_lambda_1_scales_aux_losses():
     model = tiny_model(num_co_heads=1)
     model.train()
     batch = _batch(4)
-    images, masks, ns = model.preprocess_image(batch)
-    targets = model.prepare_targets(batch, [x["instances"] for x in batch], ns)
     with torch.no_grad():
-        feats = model.neck(model.backbone(images.tensor))
+        feats, masks, targets, ns = _head_inputs(model, batch)
         _, ctx = model.query_head(feats, masks, targets, ns)
         ref = torch.rand(2, 9, 4) * 0.4 + 0.3
         q = model.query_head.aux_query_content(ref, 0)
