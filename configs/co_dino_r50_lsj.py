@@ -10,7 +10,7 @@ Documented overrides:
 - 9-encoder-layer variant (co_dino_5scale_9encoder_lsj_r50_1x_coco, 52.6 AP):
   ``model.query_head.transformer.num_encoder_layers=9``
 - 3x schedule (36 epochs, lr step at 30): see ``lr_multiplier`` / ``train.max_iter`` in common/co_dino_schedule.py.
-- DINO baseline: ``model.collaborative=null model.query_head.num_co_heads=0``.
+- DINO baseline: ``model.collaborative=null model.query_head.transformer.num_co_heads=0``.
 """
 from .co_dino_r50 import lr_multiplier, model, optimizer, train
 from .common.coco_lsj_data import dataloader

@@ -56,8 +56,8 @@ model.query_head.transformer.num_checkpoint = 6  # official with_cp=6
 model.query_head.num_dn_queries = 300
 model.query_head.label_noise_ratio = 0.5
 model.query_head.box_noise_scale = 0.4
-model.query_head.max_per_img = 1000
-model.query_head.soft_nms = True
+model.postprocessor.max_per_img = 1000
+model.postprocessor.soft_nms = True
 model.size_divisibility = 32
 # the collaborative branch (Faster R-CNN + ATSS, losses x12) comes with configs/co_dino_r50.py
 # ViT-L COCO RoI head: ConvFCBBoxHead, 4 convs (GN) + 1 FC, class-agnostic regression, stds 0.05/0.05/0.1/0.1
@@ -78,7 +78,7 @@ dataloader.train.mapper.augmentations = L(detr_train_augmentation)(
 )
 dataloader.train.total_batch_size = 16  # 1 image per GPU x 16 GPUs (official)
 dataloader.test.mapper.augmentations = L(test_augmentation)(short_edge=1280, max_size=2048)
-dataloader.evaluator.max_dets_per_image = "${...model.query_head.max_per_img}"  # 1000
+dataloader.evaluator.max_dets_per_image = "${...model.postprocessor.max_per_img}"  # 1000
 
 # ---------------------------------------------------------------- optimization
 optimizer.lr = 5e-5

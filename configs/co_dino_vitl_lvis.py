@@ -38,7 +38,7 @@ model.backbone.drop_path_rate = 0.3
 model.with_attn_mask = False
 model.query_head.num_classes = 1203
 model.query_head.transformer.num_queries = 900
-model.query_head.max_per_img = 1000
+model.postprocessor.max_per_img = 1000
 _rcnn = model.collaborative.aux_heads[0]  # Shared2FCBBoxHead, class-specific, stds 0.1/0.1/0.2/0.2
 _rcnn.num_conv = 0
 _rcnn.conv_norm = ""
@@ -55,7 +55,7 @@ dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=IMAGE_SIZE, max_size=IMAGE_SIZE),
     L(T.FixedSizeCrop)(crop_size=(IMAGE_SIZE, IMAGE_SIZE), pad=True, pad_value=114.0),
 ]
-dataloader.evaluator.max_dets_per_image = "${...model.query_head.max_per_img}"  # 1000, the official protocol
+dataloader.evaluator.max_dets_per_image = "${...model.postprocessor.max_per_img}"  # 1000, the official protocol
 
 # ---------------------------------------------------------------- optimization
 optimizer.lr = 5e-5

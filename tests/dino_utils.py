@@ -6,7 +6,10 @@ from torch import nn
 from detectron2.modeling.backbone import Backbone
 from detectron2.structures import Boxes, Instances
 
-from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer
+from codetr.modeling import ChannelMapper, CoDETR, DETRCriterion, DETRPostProcessor, DINOHead, DINOTransformer
+
+CRITERION_KEYS = ("cls_loss", "lambda_1", "loss_cls_weight", "loss_bbox_weight", "loss_giou_weight", "matcher")
+POSTPROCESS_KEYS = ("max_per_img", "soft_nms")
 
 
 class TinyBackbone(Backbone):
@@ -41,7 +44,10 @@ class TinyBackbone(Backbone):
 def tiny_model(
     num_classes=3, num_queries=20, num_dn_queries=10, num_co_heads=0, embed_dim=64, layers=2, with_attn_mask=True, width=32, **head_kwargs
 ):
-    """A CoDETR small enough for CPU tests: 4 levels (strides 4..32), width 64."""
+    """A CoDETR small enough for CPU tests: 4 levels (strides 4..32), width 64. ``head_kwargs`` go to the DINOHead,
+    its DETRCriterion (CRITERION_KEYS) or the DETRPostProcessor (POSTPROCESS_KEYS)."""
+    crit_kw = {k: head_kwargs.pop(k) for k in CRITERION_KEYS if k in head_kwargs}
+    post_kw = {k: head_kwargs.pop(k) for k in POSTPROCESS_KEYS if k in head_kwargs}
     backbone = TinyBackbone(width)
     neck = ChannelMapper(["p1", "p2", "p3"], [width] * 3, embed_dim, num_extra=1, kernel_size=1, num_groups=8)
     transformer = DINOTransformer(
@@ -53,9 +59,14 @@ def tiny_model(
         num_decoder_layers=layers,
         ffn_dim=2 * embed_dim,
         num_queries=num_queries,
+        num_co_heads=num_co_heads,
     )
     head = DINOHead(
-        transformer=transformer, num_classes=num_classes, num_dn_queries=num_dn_queries, num_co_heads=num_co_heads, **head_kwargs
+        transformer=transformer,
+        num_classes=num_classes,
+        num_dn_queries=num_dn_queries,
+        criterion=DETRCriterion(num_classes=num_classes, **crit_kw),
+        **head_kwargs,
     )
     return CoDETR(
         backbone=backbone,
@@ -65,6 +76,7 @@ def tiny_model(
         pixel_std=[58.395, 57.12, 57.375],
         with_attn_mask=with_attn_mask,
         size_divisibility=32,
+        postprocessor=DETRPostProcessor(**post_kw),
     )
 
 

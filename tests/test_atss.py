@@ -5,6 +5,8 @@ import statistics
 import pytest
 import torch
 
+from detectron2.structures import ImageList
+
 from codetr.modeling.atss import ATSSAssigner, ATSSHead, centerness_targets
 
 
@@ -258,7 +260,7 @@ def test_head_without_gt_and_bad_input():
 
 def test_head_inference_shapes():
     head = _small_head(test_detections_per_image=7).eval()
-    out = head.inference(_feats(2, 64, 80), [(64, 80), (50, 70)])
+    out = head.inference(_feats(2, 64, 80), ImageList(torch.zeros(2, 3, 64, 80), [(64, 80), (50, 70)]))
     assert len(out) == 2 and len(out[0]) == 7
     b = out[1].pred_boxes.tensor
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 70).all() and (b[:, 3] <= 50).all()

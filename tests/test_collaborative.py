@@ -45,7 +45,7 @@ def test_extra_map_is_conv_s2_gn_of_last_level():
     branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, embed_dim=32, num_gn_groups=8)
     shapes = torch.tensor([[8, 10], [4, 5], [3, 3]])
     memory = torch.randn(2, 80 + 20 + 9, 32)
-    maps = branch.encoder_maps({"memory": memory, "spatial_shapes": shapes})
+    maps = branch.encoder_maps(_StubQueryHead(32), {"memory": memory, "spatial_shapes": shapes})
     assert [tuple(m.shape[-2:]) for m in maps] == [(8, 10), (4, 5), (3, 3), (2, 2)]
     conv, gn = branch.downsample
     assert conv.stride == (2, 2) and conv.kernel_size == (3, 3) and gn.num_groups == 8
@@ -53,6 +53,24 @@ def test_extra_map_is_conv_s2_gn_of_last_level():
         torch.nn.functional.conv2d(maps[2], conv.weight, conv.bias, stride=2, padding=1), 8, gn.weight, gn.bias
     )
     assert torch.allclose(maps[3], expected, atol=1e-6)
+
+
+class _Halve(nn.Module):
+    def forward(self, maps):
+        return [m[..., ::2, ::2] for m in maps]
+
+
+def test_adapter_maps_the_encoder_maps_before_the_extra_map():
+    """The adapter sees the query head's maps and its output feeds the extra map; a non-protocol head is refused."""
+    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, embed_dim=32, num_gn_groups=8, adapter=_Halve())
+    shapes = torch.tensor([[8, 10], [4, 6]])
+    memory = torch.randn(1, 80 + 24, 32)
+    maps = branch.encoder_maps(_StubQueryHead(32), {"memory": memory, "spatial_shapes": shapes})
+    ref = memory_to_maps(memory, shapes)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(4, 5), (2, 3), (1, 2)]
+    assert torch.equal(maps[0], ref[0][..., ::2, ::2]) and torch.equal(maps[1], ref[1][..., ::2, ::2])
+    with pytest.raises(TypeError, match="CollaborativeQueryHead"):
+        branch({"memory": memory, "spatial_shapes": shapes}, None, [], nn.Linear(2, 2))
 
 
 # ----------------------------------------------------------------------------------------------- get_aux_targets
@@ -222,17 +240,25 @@ def test_rcnn_inference():
 class _StubQueryHead(nn.Module):
     """Records the branch's calls; its 'losses' depend on the queries so gradients can be checked."""
 
+    num_classes = K
+
     def __init__(self, c=32):
         super().__init__()
         self.proj = nn.ModuleList([nn.Linear(4, c) for _ in range(2)])
         self.calls = []
 
-    def aux_query_content(self, ref_boxes, head_idx):
-        return self.proj[head_idx](ref_boxes)
+    def encode(self, features, masks, image_sizes=None):
+        raise AssertionError("not called in training")
 
-    def forward_aux(self, enc_ctx, query_content, ref_boxes, targets, head_idx):
-        self.calls.append((head_idx, query_content.shape, ref_boxes.clone(), {k: v.clone() for k, v in targets.items()}))
-        return {f"loss_cls_aux{head_idx}": query_content.mean() + enc_ctx["memory"].mean()}
+    def encoder_maps(self, enc_ctx):
+        return memory_to_maps(enc_ctx["memory"], enc_ctx["spatial_shapes"])
+
+    def positive_query_losses(self, enc_ctx, queries, head_idx):
+        refs = queries["ref_boxes"]
+        content = self.proj[head_idx](refs)
+        targets = {k: v.clone() for k, v in queries.items() if k != "ref_boxes"}
+        self.calls.append((head_idx, content.shape, refs.clone(), targets))
+        return {f"loss_cls_aux{head_idx}": content.mean() + enc_ctx["memory"].mean()}
 
 
 def test_branch_runs_heads_and_positive_query_passes():

@@ -153,7 +153,7 @@ def test_co_dino_configs_and_documented_overrides():
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     cfg = LazyConfig.load(os.path.join(root, "co_dino_r50.py"))
-    assert cfg.model.query_head.num_co_heads == 2 and cfg.model.eval_module == "detr"
+    assert cfg.model.query_head.transformer.num_co_heads == 2 and cfg.model.eval_module == "detr"
     rcnn, atss = cfg.model.collaborative.aux_heads
     assert (rcnn.loss_rpn_cls_weight, rcnn.loss_rpn_bbox_weight, rcnn.loss_cls_weight, rcnn.loss_bbox_weight) == (12, 12, 12, 120)
     assert (atss.loss_cls_weight, atss.loss_bbox_weight, atss.loss_centerness_weight) == (12, 24, 12)
@@ -163,8 +163,8 @@ def test_co_dino_configs_and_documented_overrides():
     assert lsj.dataloader.train.mapper.augmentations._target_.__name__ == "lsj_train_augmentation"
     assert lsj.dataloader.train.mapper.augmentations.image_size == 1024
     # DINO baseline override
-    base = LazyConfig.apply_overrides(cfg, ["model.collaborative=null", "model.query_head.num_co_heads=0"])
-    assert base.model.collaborative is None and base.model.query_head.num_co_heads == 0
+    base = LazyConfig.apply_overrides(cfg, ["model.collaborative=null", "model.query_head.transformer.num_co_heads=0"])
+    assert base.model.collaborative is None and base.model.query_head.transformer.num_co_heads == 0
     # 9-encoder variant (LSJ), num_classes followed by the aux heads
     c = LazyConfig.apply_overrides(lsj, ["model.query_head.transformer.num_encoder_layers=9", "model.query_head.num_classes=7"])
     model = instantiate(c.model)

@@ -22,7 +22,7 @@ def test_config_settings(cfg):
     head = cfg.model.query_head
     assert head.transformer.num_queries == 900 and head.num_dn_queries == 100
     assert head.transformer.num_levels == 5 and head.transformer.num_encoder_layers == 6
-    assert head.soft_nms is True and head.max_per_img == 300
+    assert cfg.model.postprocessor.soft_nms is True and cfg.model.postprocessor.max_per_img == 300
     assert cfg.optimizer.lr == 2e-4 and cfg.optimizer.weight_decay == 1e-4
     assert cfg.train.clip_grad == dict(enabled=True, max_norm=0.1, norm_type=2.0)
     assert cfg.train.amp.enabled is False
@@ -76,5 +76,5 @@ def test_lazyconfig_save_load_round_trip(cfg, tmp_path):
 def test_dino_baseline_does_not_touch_collaborative():
     sys.modules.pop("codetr.modeling.collaborative", None)
     c = LazyConfig.load(os.path.join(ROOT, "configs", "dino_r50.py"))
-    assert c.model.collaborative is None and c.model.query_head.num_co_heads == 0
+    assert c.model.collaborative is None and c.model.query_head.transformer.num_co_heads == 0
     assert "codetr.modeling.collaborative" not in sys.modules

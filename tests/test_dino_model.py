@@ -112,7 +112,7 @@ def test_forward_aux_losses_and_gradients():
         boxes=torch.rand(B, N, 4) * 0.4 + 0.3,
         box_weights=(labels < 3).float(),
     )
-    losses = model.query_head.forward_aux(enc_ctx, query, ref, aux_targets, 1)
+    losses = model.query_head.positive_query_losses(enc_ctx, dict(aux_targets, ref_boxes=ref), 1)
     keys = {f"{p}{n}_aux1" for p in ("", "d0.") for n in NAMES}
     assert set(losses) == keys
     assert all(torch.isfinite(v) for v in losses.values())
@@ -127,7 +127,7 @@ def test_forward_aux_losses_and_gradients():
 
 
 def test_shared_memory_values_equal_separate_passes():
-    """forward_aux with the one-to-one pass's per-layer value projections == a pass that projects the memory
+    """positive_query_losses with the one-to-one pass's per-layer value projections == a pass that projects the memory
     itself (the official computation): same losses, same gradients on the memory and on value_proj."""
     torch.manual_seed(5)
     model = tiny_model(num_co_heads=1, lambda_1=1.0)
@@ -149,7 +149,7 @@ def test_shared_memory_values_equal_separate_passes():
         if not shared:
             ctx = {k: v for k, v in ctx.items() if k != "memory_values"}
         ctx["memory"].retain_grad()
-        aux = model.query_head.forward_aux(ctx, model.query_head.aux_query_content(ref, 0), ref, t, 0)
+        aux = model.query_head.positive_query_losses(ctx, dict(t, ref_boxes=ref), 0)
         (sum(main_losses.values()) + sum(aux.values())).backward()
         vp = model.query_head.transformer.decoder.layers[1].attentions[1].value_proj
         results.append((aux, ctx["memory"].grad.clone(), vp.weight.grad.clone(), vp.bias.grad.clone()))
@@ -175,11 +175,11 @@ def test_lambda_1_scales_aux_losses():
         feats, masks, targets, ns = _head_inputs(model, batch)
         _, ctx = model.query_head(feats, masks, targets, ns)
         ref = torch.rand(2, 9, 4) * 0.4 + 0.3
-        q = model.query_head.aux_query_content(ref, 0)
-        t = dict(labels=torch.randint(0, 4, (2, 9)), label_weights=torch.ones(2, 9), boxes=torch.rand(2, 9, 4) * 0.4 + 0.3, box_weights=torch.ones(2, 9))
-        a = model.query_head.forward_aux(ctx, q, ref, t, 0)
-        model.query_head.lambda_1 = 2.5
-        b = model.query_head.forward_aux(ctx, q, ref, t, 0)
+        t = dict(labels=torch.randint(0, 4, (2, 9)), label_weights=torch.ones(2, 9), boxes=torch.rand(2, 9, 4) * 0.4 + 0.3,
+                 box_weights=torch.ones(2, 9), ref_boxes=ref)
+        a = model.query_head.positive_query_losses(ctx, t, 0)
+        model.query_head.criterion.lambda_1 = 2.5
+        b = model.query_head.positive_query_losses(ctx, t, 0)
     for k in a:
         torch.testing.assert_close(b[k], 2.5 * a[k])
 
@@ -246,16 +246,16 @@ def test_eval_output_and_postprocess():
 
 def test_same_number_of_normaliser_all_reduces_with_and_without_gt(monkeypatch):
     """Under DDP every process must run the same collectives, whatever its ground truth."""
-    import codetr.modeling.dino_head as dino_head
+    import codetr.modeling.criterion as criterion
 
     calls = []
-    real = dino_head.all_reduce_normalizer
+    real = criterion.all_reduce_normalizer
 
     def counting(num, device=None):
         calls.append(1)
         return real(num, device)
 
-    monkeypatch.setattr(dino_head, "all_reduce_normalizer", counting)
+    monkeypatch.setattr(criterion, "all_reduce_normalizer", counting)
     model = tiny_model()
     model.train()
     counts = []
@@ -294,7 +294,7 @@ def test_inference_without_soft_nms_is_plain_topk():
     with torch.no_grad():
         images, masks, ns = model.preprocess_image(batch)
         logits, boxes = model.query_head(model.neck(model.backbone(images.tensor)), masks, None, ns)
-        dets = model.query_head.inference(logits, boxes, ns)
+        dets = model.postprocessor(logits, boxes, ns)
     assert logits.shape == (2, 20, 3) and boxes.shape == (2, 20, 4)
     for b in range(2):
         ref = torch.sort(logits[b].sigmoid().flatten(), descending=True)[0][:25]
@@ -323,3 +323,20 @@ def test_cuda_training_and_eval(amp_dtype):
         out = model(batch)
     inst = out[0]["instances"]
     assert inst.pred_boxes.tensor.device.type == "cuda" and torch.isfinite(inst.pred_boxes.tensor).all()
+
+
+def test_head_leaves_its_transformer_and_criterion_as_given():
+    """DINOHead's constructor adds nothing to the modules it is given (the positive-query projections come with
+    DINOTransformer(num_co_heads=...)), and refuses a criterion for another number of classes."""
+    from codetr.modeling import DETRCriterion, DINOHead, DINOTransformer
+
+    t = DINOTransformer(embed_dim=32, num_heads=4, num_levels=2, num_points=2, num_encoder_layers=1,
+                        num_decoder_layers=1, ffn_dim=64, num_queries=5, num_co_heads=2)
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    crit = DETRCriterion(num_classes=3)
+    head = DINOHead(transformer=t, num_classes=3, criterion=crit)
+    after = t.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert head.criterion is crit and head.num_co_heads == 2 and len(t.aux_pos_trans) == 2
+    with pytest.raises(ValueError, match="num_classes"):
+        DINOHead(transformer=t, num_classes=4, criterion=crit)

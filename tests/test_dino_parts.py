@@ -247,7 +247,7 @@ def test_focal_classification_path_matches_formula():
     logits = torch.randn(1, 5, 3, generator=g) * 2
     labels = torch.tensor([[0, 3, 2, 3, 1]])
     boxes = rand_boxes(5, g)[None]
-    cls, _, _ = head.loss_from_targets(logits, boxes, labels, torch.ones(1, 5), boxes, torch.zeros(1, 5), 3)
+    cls, _, _ = head.criterion.loss_from_targets(logits, boxes, labels, torch.ones(1, 5), boxes, torch.zeros(1, 5), 3)
     ref = 0.0
     for n in range(5):
         for k in range(3):
@@ -270,7 +270,7 @@ def test_qfl_head_loss_uses_iou_quality_and_normaliser():
     labels = torch.tensor([[0, 3, 1], [3, 2, 3]])
     lw = torch.tensor([[1.0, 1.0, 0.5], [1.0, 1.0, 1.0]])
     bw = (labels < 3).float()
-    cls, l1, giou = head.loss_from_targets(logits, boxes, labels, lw, tboxes, bw, 3)
+    cls, l1, giou = head.criterion.loss_from_targets(logits, boxes, labels, lw, tboxes, bw, 3)
     ref_cls = ref_l1 = ref_giou_loss = 0.0
     for b in range(2):
         for n in range(3):

@@ -242,7 +242,7 @@ def co_dino_r50_model():
         from codetr.modeling.collaborative import CollaborativeBranch
         from codetr.modeling.rcnn import RCNNBranch
 
-        cfg.model.query_head.num_co_heads = 2
+        cfg.model.query_head.transformer.num_co_heads = 2
         cfg.model.collaborative = L(CollaborativeBranch)(
             aux_heads=[L(RCNNBranch)(num_classes=80), L(ATSSHead)(num_classes=80)], num_classes=80
         )

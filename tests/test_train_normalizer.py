@@ -3,7 +3,6 @@ as the official ``reduce_mean`` / ``sync_cls_avg_factor`` do, so that every proc
 import json
 import os
 import socket
-import types
 
 import torch
 import torch.distributed as dist
@@ -26,7 +25,7 @@ def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
     try:
         from codetr.modeling.atss import reduce_mean
-        from codetr.modeling.dino_head import DINOHead
+        from codetr.modeling.criterion import DETRCriterion
         from codetr.modeling.losses import all_reduce_normalizer
 
         n = COUNTS[rank]
@@ -43,10 +42,9 @@ def _worker(rank, port, out_dir):
         target = torch.rand(B, N, 4, generator=g)
         box_w = (torch.rand(B, N, generator=g) > 0.5).float()
         labels = torch.full((B, N), K, dtype=torch.int64)
-        fake_head = types.SimpleNamespace(cls_loss="focal", focal_alpha=0.25, focal_gamma=2.0, qfl_beta=2.0,
-                                          loss_cls_weight=1.0, loss_bbox_weight=1.0, loss_giou_weight=1.0)
-        _, loss_bbox, _ = DINOHead.loss_from_targets(
-            fake_head, torch.zeros(B, N, K), boxes, labels, torch.ones(B, N), target, box_w, n
+        criterion = DETRCriterion(num_classes=K, cls_loss="focal", loss_cls_weight=1.0, loss_bbox_weight=1.0, loss_giou_weight=1.0)
+        _, loss_bbox, _ = criterion.loss_from_targets(
+            torch.zeros(B, N, K), boxes, labels, torch.ones(B, N), target, box_w, n
         )
         res["loss_bbox"] = float(loss_bbox)
         res["l1_sum"] = float(((boxes.double() - target.double()).abs().sum(-1) * box_w.double()).sum())

@@ -75,7 +75,7 @@ def test_vitl_coco_official_settings():
     assert tuple(bb.global_block_indexes) == COCO_GLOBAL_BLOCKS and bb.drop_path_rate == 0.4
     assert bb.pretrain_img_size == 512 and bb.use_act_checkpoint
     assert qh.transformer.num_queries == 1500 and qh.num_dn_queries == 300 and qh.box_noise_scale == 0.4
-    assert qh.max_per_img == 1000 and qh.soft_nms
+    assert cfg.model.postprocessor.max_per_img == 1000 and cfg.model.postprocessor.soft_nms
     assert cfg.optimizer.lr == 5e-5 and cfg.optimizer.weight_decay == 0.01 and cfg.optimizer.params.decay_rate == 0.8
     assert cfg.train.model_ema.enabled and cfg.train.model_ema.momentum == 1e-4
     assert cfg.train.clip_grad.max_norm == 0.1
@@ -111,7 +111,7 @@ def test_vitl_lvis_and_swinl_official_settings():
 
 def test_shrunk_vitl_inference_through_the_detector():
     cfg = load("co_dino_vitl.py", SHRINK["co_dino_vitl.py"] + ["model.query_head.transformer.num_queries=50",
-                                                    "model.query_head.max_per_img=100"])
+                                                    "model.postprocessor.max_per_img=100"])
     model = instantiate(cfg.model).eval()
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (3, 70, 100), generator=g, dtype=torch.uint8)

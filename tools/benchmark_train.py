@@ -49,7 +49,7 @@ def build_model(config, variant, device):
     cfg = LazyConfig.load(config)
     if variant == "dino":
         cfg.model.collaborative = None
-        cfg.model.query_head.num_co_heads = 0
+        cfg.model.query_head.transformer.num_co_heads = 0
     model = instantiate(cfg.model).to(device)
     return model
 
@@ -232,7 +232,7 @@ def small_model(num_classes, collaborative):
 
     from detectron2.modeling.backbone import Backbone
 
-    from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer
+    from codetr.modeling import ChannelMapper, CoDETR, DETRPostProcessor, DINOHead, DINOTransformer
     from codetr.modeling.atss import ATSSHead
     from codetr.modeling.collaborative import CollaborativeBranch
     from codetr.modeling.rcnn import RCNNBranch
@@ -260,9 +260,8 @@ def small_model(num_classes, collaborative):
     strides = (8, 16, 32, 64)
     neck = ChannelMapper(["c3", "c4", "c5"], [64, 64, 64], C, num_extra=1, kernel_size=1, num_groups=32)
     transformer = DINOTransformer(embed_dim=C, num_heads=8, num_levels=4, num_points=4, num_encoder_layers=3,
-                                  num_decoder_layers=3, ffn_dim=512, num_queries=100)
-    head = DINOHead(transformer=transformer, num_classes=num_classes, num_dn_queries=30,
-                    num_co_heads=2 if collaborative else 0, max_per_img=100)
+                                  num_decoder_layers=3, ffn_dim=512, num_queries=100, num_co_heads=2 if collaborative else 0)
+    head = DINOHead(transformer=transformer, num_classes=num_classes, num_dn_queries=30)
     collab = None
     if collaborative:
         w = 3 * 2.0  # num_decoder_layers * lambda_2
@@ -279,7 +278,8 @@ def small_model(num_classes, collaborative):
             embed_dim=C,
         )
     return CoDETR(backbone=SmallBackbone(64), neck=neck, query_head=head, pixel_mean=[123.675, 116.28, 103.53],
-                  pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, collaborative=collab)
+                  pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, collaborative=collab,
+                  postprocessor=DETRPostProcessor(max_per_img=100))
 
 
 def coco_ap(model, data):

@@ -13,7 +13,15 @@ from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.solver import get_default_optimizer_params
 
-from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer, HungarianMatcher
+from codetr.modeling import (
+    ChannelMapper,
+    CoDETR,
+    DETRCriterion,
+    DETRPostProcessor,
+    DINOHead,
+    DINOTransformer,
+    HungarianMatcher,
+)
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.rcnn import RCNNBranch
@@ -51,20 +59,22 @@ model = L(CoDETR)(
             ffn_dim=512,
             dropout=0.0,
             num_queries=50,
+            num_co_heads=2,
         ),
         num_classes=NUM_CLASSES,
         num_dn_queries=10,
         label_noise_ratio=0.5,
         box_noise_scale=1.0,
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
-        loss_cls_weight=1.0,
-        loss_bbox_weight=5.0,
-        loss_giou_weight=2.0,
-        cls_loss="qfl",
-        num_co_heads=2,
-        max_per_img=100,
-        soft_nms=True,
+        criterion=L(DETRCriterion)(
+            num_classes=NUM_CLASSES,
+            matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+            loss_cls_weight=1.0,
+            loss_bbox_weight=5.0,
+            loss_giou_weight=2.0,
+            cls_loss="qfl",
+        ),
     ),
+    postprocessor=L(DETRPostProcessor)(max_per_img=100, soft_nms=True),
     collaborative=L(CollaborativeBranch)(
         aux_heads=[
             L(RCNNBranch)(

@@ -1,7 +1,7 @@
 # The collaborative branch of Co-DINO (spec §1.4-1.6): a Faster R-CNN head (aux head 0) and an ATSS head (aux head 1)
 # on the encoder maps + the learned stride-128 map (strides 4..128), their losses scaled by
 # num_dec_layer * lambda_2 = 6 * 2 = 12 as in every official Co-DINO config (RPN CE/L1 12, RoI CE 12 / GIoU 120,
-# ATSS focal 12 / GIoU 24 / centerness 12). The query head needs ``num_co_heads=2`` for the positive queries.
+# ATSS focal 12 / GIoU 24 / centerness 12). The query head's transformer needs ``num_co_heads=2`` for the positive queries.
 # Defaults are the R50/Swin-L heads (Shared2FC RoI head, class-specific regression, stds 0.1/0.1/0.2/0.2).
 from detectron2.config import LazyCall as L
 

@@ -3,7 +3,15 @@
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
 
-from codetr.modeling import ChannelMapper, CoDETR, DINOHead, DINOTransformer, HungarianMatcher
+from codetr.modeling import (
+    ChannelMapper,
+    CoDETR,
+    DETRCriterion,
+    DETRPostProcessor,
+    DINOHead,
+    DINOTransformer,
+    HungarianMatcher,
+)
 
 model = L(CoDETR)(
     backbone=L(ResNet)(
@@ -30,20 +38,24 @@ model = L(CoDETR)(
             dropout=0.0,
             num_queries=900,
             num_checkpoint=4,  # official with_cp=4
+            num_co_heads=0,  # positive-query projections: one per auxiliary head (Co-DINO: 2)
         ),
         num_classes=80,
         num_dn_queries=100,
         label_noise_ratio=0.5,
         box_noise_scale=1.0,
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
-        loss_cls_weight=1.0,
-        loss_bbox_weight=5.0,
-        loss_giou_weight=2.0,
-        cls_loss="qfl",
-        num_co_heads=0,
-        max_per_img=300,
-        soft_nms=True,  # class-aware linear soft-NMS (IoU 0.8), as every official Co-DINO config
+        criterion=L(DETRCriterion)(
+            num_classes="${..num_classes}",
+            matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+            loss_cls_weight=1.0,
+            loss_bbox_weight=5.0,
+            loss_giou_weight=2.0,
+            cls_loss="qfl",
+            lambda_1=1.0,
+        ),
     ),
+    # class-aware linear soft-NMS (IoU 0.8) on the top 300, as every official Co-DINO config
+    postprocessor=L(DETRPostProcessor)(max_per_img=300, soft_nms=True),
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],
     input_format="RGB",

@@ -1,16 +1,23 @@
-"""codetr.modeling: the Co-DETR meta-architecture and the DINO query head."""
+"""codetr.modeling: the Co-DETR meta-architecture, the query heads, their criterion and post-processor."""
 from .denoising import CdnQueryGenerator, build_dn_attn_mask, inverse_sigmoid
-from .dino_head import DINOHead, validate_targets
+from .collaborative import CollaborativeBranch, CollaborativeQueryHead
+from .criterion import DETRCriterion, validate_targets
+from .dino_head import DINOHead
 from .losses import all_reduce_normalizer, quality_focal_loss
 from .matcher import HungarianMatcher
 from .meta_arch import CoDETR
 from .neck import ChannelMapper
+from .postprocess import DETRPostProcessor
 from .position_encoding import PositionEmbeddingSine, box_sine_embed
 from .soft_nms import batched_soft_nms
 from .transformer import DINOTransformer
 
 __all__ = [
     "CoDETR",
+    "CollaborativeBranch",
+    "CollaborativeQueryHead",
+    "DETRCriterion",
+    "DETRPostProcessor",
     "DINOHead",
     "DINOTransformer",
     "ChannelMapper",

@@ -181,6 +181,8 @@ class ATSSHead(nn.Module):
     docs/design.md; :meth:`inference` gives detections (used when the model evaluates the ATSS head).
     """
 
+    eval_name = "atss"  # CoDETR(eval_module="atss") evaluates this head
+
     def __init__(
         self,
         *,
@@ -401,13 +403,14 @@ class ATSSHead(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def inference(self, features: List[Tensor], image_sizes: Sequence[Tuple[int, int]]) -> List[Instances]:
-        """Detections in input-image coordinates: per level top-k (anchor, class) pairs by class score, boxes decoded
-        and clipped, score = cls score x centerness, class-aware NMS, top ``test_detections_per_image``."""
+    def inference(self, features: List[Tensor], images: ImageList) -> List[Instances]:
+        """Detections in input-image coordinates (``images.image_sizes``): per level top-k (anchor, class) pairs by
+        class score, boxes decoded and clipped, score = cls score x centerness, class-aware NMS, top
+        ``test_detections_per_image``."""
         logits, deltas, ctrness = self.forward_features(features)
         anchors_per_level = self.anchor_generator(features)
         results = []
-        for i, (h, w) in enumerate(image_sizes):
+        for i, (h, w) in enumerate(images.image_sizes):
             boxes_all, scores_all, classes_all = [], [], []
             for lg, dl, ct, anc in zip(logits, deltas, ctrness, anchors_per_level):
                 scores = lg[i].flatten(1).t().sigmoid().flatten()  # (HW*K,)

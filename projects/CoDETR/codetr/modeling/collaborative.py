@@ -3,10 +3,13 @@
 A DETR-style detector trains with a *one-to-one* assignment (Hungarian matching): each GT box supervises one
 query, so the encoder gets sparse supervision and the decoder few positives. Co-DETR adds, in training only:
 
-1. **Encoder maps** (:func:`memory_to_maps`). The encoder memory ``(B, sum h_l*w_l, C)`` is cut back into the
-   multi-scale maps ``(B, C, h_l, w_l)`` it was flattened from, and one extra map is made from the last one by a
-   3x3 stride-2 conv + GroupNorm(32) (``CollaborativeBranch.downsample``). Co-DINO: 5 + 1 = 6 maps, strides
-   4..128. The auxiliary heads read these maps -- never the neck's -- so their losses train the encoder.
+1. **Encoder maps**. The query head gives its encoder output as multi-scale maps
+   (``query_head.encoder_maps(enc_ctx)``; a deformable encoder's memory ``(B, sum h_l*w_l, C)`` cut back into the
+   maps ``(B, C, h_l, w_l)`` it was flattened from, :func:`memory_to_maps`), an optional ``adapter`` module turns
+   them into the auxiliary heads' pyramid (none for multi-scale DETRs; a simple feature pyramid for single-scale
+   ones), and one extra map is made from the last one by a 3x3 stride-2 conv + GroupNorm(32)
+   (``CollaborativeBranch.downsample``). Co-DINO: 5 + 1 = 6 maps, strides 4..128. The auxiliary heads read these
+   maps -- never the neck's -- so their losses train the encoder.
 
 2. **Auxiliary heads with one-to-many assignment** (``aux_heads``, index = position in the list). Co-DINO has
    two: head 0 is Faster R-CNN (:class:`codetr.modeling.rcnn.RCNNBranch`: RPN on 6 maps, RoI head on the first
@@ -21,24 +24,55 @@ query, so the encoder gets sparse supervision and the decoder few positives. Co-
    targets are divided by the image size (unpadded, or padded when ``with_attn_mask=False``) and turned into
    ``cxcywh``. Label weight is 1 on all N slots (negatives learn "background"); box weight is 1 on positives only.
 
-4. **Extra decoder passes** (``query_head.forward_aux``). For head i the query head runs its decoder once more on
-   these N queries, with the encoder memory unchanged: reference boxes = the head's boxes, content =
-   ``query_head.aux_query_content(refs, i)`` (Co-DINO: LayerNorm_i(Linear_i(2C -> C)) of the boxes' sine
-   embedding). No denoising, no attention mask, no Hungarian matching: the targets are the auxiliary head's
-   assignment. Losses at every decoder layer (keys ``loss_cls_aux{i}``, ``d{k}.loss_iou_aux{i}``, ...).
+4. **Extra decoder passes** (``query_head.positive_query_losses``). For head i the query head runs its decoder once
+   more on these N queries, with the encoder memory unchanged, and returns the losses of every decoder layer
+   against the head's targets (keys ``loss_cls_aux{i}``, ``d{k}.loss_iou_aux{i}``, ...). How the queries are made
+   from the boxes is the query head's business (Co-DINO: content = LayerNorm_i(Linear_i(2C -> C)) of the boxes'
+   sine embedding, reference = the boxes). No denoising, no attention mask, no Hungarian matching.
+
+**The query-head protocol** (:class:`CollaborativeQueryHead`). The branch talks to the one-to-one query head
+through three methods and nothing else, so any DETR whose head provides them can be trained collaboratively:
+
+- ``encode(features, masks, image_sizes) -> enc_ctx``: run the encoder alone (used at eval time when an auxiliary
+  head is evaluated); ``enc_ctx`` is the dict the head's training forward also returns (docs/design.md).
+- ``encoder_maps(enc_ctx) -> list of (B, C, h_l, w_l)``: the encoder output as maps, finest first.
+- ``positive_query_losses(enc_ctx, queries, head_idx) -> dict``: "run the decoder on these positive queries and
+  return the losses against these targets"; ``queries`` is :func:`get_aux_targets`' dict.
 
 At inference this module is not called; removing it (``model.collaborative = None``) leaves the detector's
-eval outputs unchanged. For debugging, ``CoDETR(eval_module="atss" | "rcnn")`` evaluates an auxiliary head
-instead of the query head (:meth:`CollaborativeBranch.inference`).
+eval outputs unchanged. For debugging, ``CoDETR(eval_module="atss" | "rcnn")`` evaluates the auxiliary head whose
+``eval_name`` it is instead of the query head (:meth:`CollaborativeBranch.inference`); every auxiliary head has
+one ``inference(maps, images) -> list[Instances]``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from detectron2.structures import ImageList, Instances
 
-__all__ = ["CollaborativeBranch", "memory_to_maps", "get_aux_targets"]
+__all__ = ["CollaborativeBranch", "CollaborativeQueryHead", "memory_to_maps", "get_aux_targets"]
+
+
+@runtime_checkable
+class CollaborativeQueryHead(Protocol):
+    """What :class:`CollaborativeBranch` needs from a one-to-one DETR query head (see the module docstring)."""
+
+    num_classes: int
+
+    def encode(self, features: Sequence[Tensor], masks: Tensor, image_sizes: Optional[Tensor] = None) -> Dict:
+        """Encoder only. ``features``: the neck's maps; ``masks`` (B, H, W) True on padding; ``image_sizes`` (B, 2)
+        (h, w) of the box normalisation, stored in the returned ``enc_ctx["image_sizes"]``."""
+        ...
+
+    def encoder_maps(self, enc_ctx: Dict) -> List[Tensor]:
+        """The encoder output as maps (B, C, h_l, w_l), finest first."""
+        ...
+
+    def positive_query_losses(self, enc_ctx: Dict, queries: Dict[str, Tensor], head_idx: int) -> Dict[str, Tensor]:
+        """Decoder pass on the positive queries of auxiliary head ``head_idx`` (``queries``: :func:`get_aux_targets`'
+        dict) and its losses at every decoder layer, keys ending in ``_aux{head_idx}``."""
+        ...
 
 
 def memory_to_maps(memory: Tensor, spatial_shapes: Tensor) -> List[Tensor]:
@@ -149,6 +183,7 @@ class CollaborativeBranch(nn.Module):
         embed_dim: int = 256,
         num_gn_groups: int = 32,
         extra_map: bool = True,
+        adapter: Optional[nn.Module] = None,
         min_queries: int = 9,
         max_queries: int = 300,
         with_pos_queries: bool = True,
@@ -156,9 +191,12 @@ class CollaborativeBranch(nn.Module):
         """
         Args:
             aux_heads: auxiliary heads in head-index order (Co-DINO: [RCNNBranch, ATSSHead]); each maps
-                ``(features, images, gt_instances)`` to ``(losses, positives)``.
+                ``(features, images, gt_instances)`` to ``(losses, positives)`` and has
+                ``inference(features, images) -> list[Instances]`` and an ``eval_name``.
             num_classes: foreground classes (background label = num_classes).
             extra_map: append the stride-2 conv + GN map to the encoder maps (True for Co-DETR).
+            adapter: optional module mapping the query head's encoder maps (list of (B, C, h, w)) to the maps the
+                auxiliary heads read (before the extra map); None = the encoder maps themselves (multi-scale DETRs).
             min_queries, max_queries: bounds of the per-image number of positive-query slots (9, 300).
             with_pos_queries: run the positive-query decoder passes (False trains only the aux heads).
         """
@@ -170,6 +208,7 @@ class CollaborativeBranch(nn.Module):
         self.min_queries = min_queries
         self.max_queries = max_queries
         self.with_pos_queries = with_pos_queries
+        self.adapter = adapter
         if extra_map:
             self.downsample = nn.Sequential(
                 nn.Conv2d(embed_dim, embed_dim, kernel_size=3, stride=2, padding=1),
@@ -178,9 +217,20 @@ class CollaborativeBranch(nn.Module):
         else:
             self.downsample = None
 
-    def encoder_maps(self, enc_ctx: Dict) -> List[Tensor]:
-        """Encoder memory -> multi-scale maps (+ the extra stride-2 map)."""
-        maps = memory_to_maps(enc_ctx["memory"], enc_ctx["spatial_shapes"])
+    @staticmethod
+    def _check_query_head(query_head) -> None:
+        if not isinstance(query_head, CollaborativeQueryHead):
+            missing = [m for m in ("encode", "encoder_maps", "positive_query_losses") if not hasattr(query_head, m)]
+            raise TypeError(
+                f"CollaborativeBranch: the query head {type(query_head).__name__} does not implement "
+                f"CollaborativeQueryHead (missing {missing})"
+            )
+
+    def encoder_maps(self, query_head: "CollaborativeQueryHead", enc_ctx: Dict) -> List[Tensor]:
+        """The auxiliary heads' maps: the query head's encoder maps (through the adapter) + the extra stride-2 map."""
+        maps = list(query_head.encoder_maps(enc_ctx))
+        if self.adapter is not None:
+            maps = list(self.adapter(maps))
         if self.downsample is not None:
             maps.append(self.downsample(maps[-1]))
         return maps
@@ -195,21 +245,21 @@ class CollaborativeBranch(nn.Module):
         return [(int(h), int(w)) for h, w in sizes]
 
     def forward(
-        self, enc_ctx: Dict, images: ImageList, gt_instances: List[Instances], query_head: nn.Module
+        self, enc_ctx: Dict, images: ImageList, gt_instances: List[Instances], query_head: "CollaborativeQueryHead"
     ) -> Dict[str, Tensor]:
         """
         Args:
-            enc_ctx: the query head's encoder context (docs/design.md): ``memory`` (B, S, C), ``spatial_shapes``,
-                ``image_sizes`` (the sizes boxes are normalised by), ...
+            enc_ctx: the query head's encoder context (docs/design.md), with ``image_sizes`` (the sizes boxes are
+                normalised by).
             images: the batch's ImageList.
             gt_instances: per image ``gt_boxes`` (XYXY absolute) and ``gt_classes``.
-            query_head: provides ``aux_query_content(ref_boxes, head_idx)`` and
-                ``forward_aux(enc_ctx, query_content, ref_boxes, targets, head_idx)``.
+            query_head: a :class:`CollaborativeQueryHead`.
 
         Returns:
             all auxiliary losses (aux heads and positive-query passes).
         """
-        maps = self.encoder_maps(enc_ctx)
+        self._check_query_head(query_head)
+        maps = self.encoder_maps(query_head, enc_ctx)
         sizes = self._image_sizes(enc_ctx, images)
         # the aux heads see the normalisation sizes (padded ones when with_attn_mask=False, as the official code)
         aux_images = ImageList(images.tensor, sizes)
@@ -225,48 +275,38 @@ class CollaborativeBranch(nn.Module):
         if not self.with_pos_queries:
             return losses
         for i, positives in enumerate(all_positives):
-            targets = get_aux_targets(
+            queries = get_aux_targets(
                 positives, sizes, self.num_classes, min_queries=self.min_queries, max_queries=self.max_queries
             )
-            refs = targets.pop("ref_boxes")
-            content = query_head.aux_query_content(refs, i)
-            losses.update(query_head.forward_aux(enc_ctx, content, refs, targets, i))
+            losses.update(query_head.positive_query_losses(enc_ctx, queries, i))
         return losses
 
     @torch.no_grad()
     def inference(
         self,
-        query_head: nn.Module,
+        query_head: "CollaborativeQueryHead",
         features: Sequence[Tensor],
         masks: Tensor,
         images: ImageList,
         image_sizes: Tensor,
         module: str,
     ) -> List[Dict[str, Tensor]]:
-        """Detections of an auxiliary head ("atss" or "rcnn") on the encoder maps.
+        """Detections of the auxiliary head whose ``eval_name`` is ``module`` ("atss", "rcnn") on the encoder maps.
 
         Args:
-            query_head: runs the encoder (``transformer.encode``) on the neck ``features`` with padding ``masks``.
+            query_head: runs the encoder (``encode``) on the neck ``features`` with padding ``masks``.
             image_sizes: (B, 2) the normalisation sizes (as in training).
 
         Returns:
-            per image ``boxes`` (M, 4) XYXY pixels, ``scores`` (M,), ``labels`` (M,) -- the query head's format.
+            per image ``boxes`` (M, 4) XYXY pixels, ``scores`` (M,), ``labels`` (M,) -- the post-processor's format.
         """
-        from .atss import ATSSHead
-        from .rcnn import RCNNBranch
-
-        kinds = {"atss": ATSSHead, "rcnn": RCNNBranch}
-        if module not in kinds:
-            raise ValueError(f"CollaborativeBranch.inference: module must be 'atss' or 'rcnn', got {module!r}")
-        heads = [h for h in self.aux_heads if isinstance(h, kinds[module])]
+        self._check_query_head(query_head)
+        heads = [h for h in self.aux_heads if getattr(h, "eval_name", None) == module]
         if not heads:
-            raise ValueError(f"CollaborativeBranch.inference: no {kinds[module].__name__} among the auxiliary heads")
-        enc_ctx = query_head.transformer.encode(features, query_head.level_masks(masks, features))
-        enc_ctx["image_sizes"] = image_sizes
-        maps = self.encoder_maps(enc_ctx)
+            names = [getattr(h, "eval_name", None) for h in self.aux_heads]
+            raise ValueError(f"CollaborativeBranch.inference: no auxiliary head named {module!r} (heads: {names})")
+        enc_ctx = query_head.encode(features, masks, image_sizes)
+        maps = self.encoder_maps(query_head, enc_ctx)
         sizes = self._image_sizes(enc_ctx, images)
-        if module == "atss":
-            insts = heads[0].inference(maps, sizes)
-        else:
-            insts = heads[0].inference(maps, ImageList(images.tensor, sizes))
+        insts = heads[0].inference(maps, ImageList(images.tensor, sizes))
         return [{"boxes": i.pred_boxes.tensor, "scores": i.scores, "labels": i.pred_classes} for i in insts]

@@ -8,6 +8,8 @@ from torchvision.ops import box_convert
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
+from .postprocess import DETRPostProcessor
+
 __all__ = ["CoDETR"]
 
 
@@ -22,7 +24,10 @@ class CoDETR(nn.Module):
     Args:
         backbone: a Detectron2 backbone returning a dict of feature maps.
         neck: maps that dict to the list of multi-scale maps of the query head.
-        query_head: a :class:`DINOHead`.
+        query_head: the one-to-one query head (:class:`DINOHead`); in training ``query_head(features, masks,
+            targets, norm_sizes) -> (losses, enc_ctx)``, in eval ``-> (logits (B, N, K), boxes (B, N, 4) cxcywh)``.
+        postprocessor: turns the eval outputs into detections (:class:`DETRPostProcessor`: top-k, optional
+            soft-NMS); default ``DETRPostProcessor()`` (top 300 + soft-NMS, Co-DINO's).
         pixel_mean, pixel_std: per-channel normalisation, in ``input_format`` channel order.
         input_format: "RGB" or "BGR", the channel order of ``batched_inputs[i]["image"]``.
         with_attn_mask: if False every image counts as its padded size (no padding masks; boxes
@@ -49,6 +54,7 @@ class CoDETR(nn.Module):
         size_divisibility: int = 32,
         collaborative: Optional[nn.Module] = None,
         eval_module: str = "detr",
+        postprocessor: Optional[nn.Module] = None,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -56,6 +62,7 @@ class CoDETR(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.query_head = query_head
+        self.postprocessor = postprocessor if postprocessor is not None else DETRPostProcessor()
         self.collaborative = collaborative
         if eval_module not in ("detr", "atss", "rcnn"):
             raise ValueError(f"eval_module must be 'detr', 'atss' or 'rcnn', got {eval_module!r}")
@@ -133,7 +140,7 @@ class CoDETR(nn.Module):
             dets = self.collaborative.inference(self.query_head, features, masks, images, norm_sizes, self.eval_module)
         else:
             logits, boxes = self.query_head(features, masks, None, norm_sizes)
-            dets = self.query_head.inference(logits, boxes, norm_sizes)
+            dets = self.postprocessor(logits, boxes, norm_sizes)
         results = []
         for x, det, image_size in zip(batched_inputs, dets, images.image_sizes):
             inst = Instances(image_size)

@@ -66,6 +66,8 @@ def _use_codetr_roi_align(pooler: ROIPooler) -> None:
 class RCNNBranch(nn.Module):
     """RPN + RoI head on the auxiliary maps; returns ``(losses, positives)`` (docs/design.md)."""
 
+    eval_name = "rcnn"  # CoDETR(eval_module="rcnn") evaluates this branch
+
     def __init__(
         self,
         *,

@@ -259,6 +259,7 @@ class DINOTransformer(nn.Module):
         num_queries: int = 900,
         num_checkpoint: int = 0,
         pos_temperature: float = 20.0,
+        num_co_heads: int = 0,
     ):
         super().__init__()
         self.embed_dim = embed_dim
@@ -271,20 +272,11 @@ class DINOTransformer(nn.Module):
         self.enc_output = nn.Linear(embed_dim, embed_dim)
         self.enc_output_norm = nn.LayerNorm(embed_dim)
         self.query_embed = nn.Embedding(num_queries, embed_dim)
-        # positive-query projections of Co-DINO's auxiliary heads (see add_aux_projections)
-        self.aux_pos_trans = nn.ModuleList()
-        self.aux_pos_trans_norm = nn.ModuleList()
+        # positive-query projections of Co-DINO's auxiliary heads: Linear(2C -> C) + LayerNorm(C) of the positive
+        # queries' box embeddings, one per auxiliary head (official names; none for DINO)
+        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_co_heads)])
+        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(num_co_heads)])
         self.reset_parameters()
-
-    def add_aux_projections(self, num_co_heads: int):
-        """Create (or re-create) ``num_co_heads`` projections Linear(2C -> C) + LayerNorm(C) of the
-        positive queries' box embeddings; called by the query head that owns this transformer."""
-        C = self.embed_dim
-        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * C, C) for _ in range(num_co_heads)])
-        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(C) for _ in range(num_co_heads)])
-        for m in self.aux_pos_trans:
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def reset_parameters(self):
         for p in self.parameters():
@@ -295,6 +287,8 @@ class DINOTransformer(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.level_embeds)
         nn.init.normal_(self.query_embed.weight)
+        for m in self.aux_pos_trans:
+            nn.init.zeros_(m.bias)
 
     @staticmethod
     def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
