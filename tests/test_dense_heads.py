@@ -111,7 +111,7 @@ def test_fcos_aux_head_matches_detectron2_fcos():
 
     with torch.no_grad():
         ours.test_score_thresh = d2.test_score_thresh = 0.05
-        dets = ours.inference(features, SIZES)
+        dets = ours.inference(features, images)
         ref_dets = d2.forward_inference(images, features, d2.head(features))
     for a, b in zip(dets, ref_dets):
         assert len(a) > 0
@@ -166,7 +166,7 @@ def test_retinanet_aux_head_matches_detectron2_retinanet():
     torch.testing.assert_close(losses["loss_bbox3"] / 6.0, ref["loss_box_reg"], rtol=1e-5, atol=1e-7)
 
     with torch.no_grad():
-        dets = ours.inference(features, SIZES)
+        dets = ours.inference(features, images)
         ref_dets = d2.forward_inference(images, features, d2.head(features))
     for a, b in zip(dets, ref_dets):
         assert len(a) > 0

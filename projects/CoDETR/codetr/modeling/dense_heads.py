@@ -88,6 +88,8 @@ class _DenseAuxHead(nn.Module):
 class FCOSAuxHead(_DenseAuxHead):
     """FCOS auxiliary head on the adapter's maps (Detectron2's ``FCOSHead``, point matching and losses)."""
 
+    eval_name = "fcos"
+
     # Detectron2's FCOS point labelling and centerness targets, used as they are
     _match_anchors = FCOS._match_anchors
     label_anchors = FCOS.label_anchors
@@ -205,13 +207,14 @@ class FCOSAuxHead(_DenseAuxHead):
         )
 
     @torch.no_grad()
-    def inference(self, features: List[Tensor], image_sizes: Sequence[Tuple[int, int]]) -> List[Instances]:
-        """Detections as Detectron2's FCOS: score sqrt(cls x centerness), threshold, top-k per level, NMS."""
+    def inference(self, features: List[Tensor], images) -> List[Instances]:
+        """Detections as Detectron2's FCOS: score sqrt(cls x centerness), threshold, top-k per level, NMS;
+        ``images``: ImageList (or list of (h, w)) giving the sizes boxes are clipped to."""
         self._check_inputs(features)
         logits, deltas, ctrness = self._transpose_dense_predictions(self.head(features), [self.num_classes, 4, 1])
         anchors = self.anchor_generator(features)
         results = []
-        for i, size in enumerate(_image_sizes(image_sizes)):
+        for i, size in enumerate(_image_sizes(images)):
             scores = [torch.sqrt(x[i].sigmoid() * y[i].sigmoid()) for x, y in zip(logits, ctrness)]
             results.append(self.inference_single_image(anchors, scores, [x[i] for x in deltas], size))
         return results
@@ -219,6 +222,8 @@ class FCOSAuxHead(_DenseAuxHead):
 
 class RetinaNetAuxHead(_DenseAuxHead):
     """RetinaNet auxiliary head on the adapter's maps (Detectron2's ``RetinaNetHead``, IoU matching, losses)."""
+
+    eval_name = "retinanet"
 
     label_anchors = RetinaNet.label_anchors
     inference_single_image = RetinaNet.inference_single_image
@@ -326,12 +331,13 @@ class RetinaNetAuxHead(_DenseAuxHead):
         return self._named({"loss_cls": loss_cls / normalizer, "loss_bbox": loss_box / normalizer})
 
     @torch.no_grad()
-    def inference(self, features: List[Tensor], image_sizes: Sequence[Tuple[int, int]]) -> List[Instances]:
-        """Detections as Detectron2's RetinaNet: sigmoid scores, threshold, top-k per level, class-aware NMS."""
+    def inference(self, features: List[Tensor], images) -> List[Instances]:
+        """Detections as Detectron2's RetinaNet: sigmoid scores, threshold, top-k per level, class-aware NMS;
+        ``images`` as :meth:`FCOSAuxHead.inference`."""
         self._check_inputs(features)
         logits, deltas = self._transpose_dense_predictions(self.head(features), [self.num_classes, 4])
         anchors = self.anchor_generator(features)
         return [
             self.inference_single_image(anchors, [x[i].sigmoid() for x in logits], [x[i] for x in deltas], size)
-            for i, size in enumerate(_image_sizes(image_sizes))
+            for i, size in enumerate(_image_sizes(images))
         ]
