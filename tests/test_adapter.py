@@ -36,27 +36,38 @@ def test_odd_sizes_downsample_by_ceil():
     assert [tuple(o.shape[-2:]) for o in outs] == [(10, 6), (5, 3), (3, 2), (2, 1)]
 
 
+class _MapsHead:
+    """Stands in for a query head: only ``encoder_maps`` is read by ``CollaborativeBranch.encoder_maps``."""
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def encoder_maps(self, enc_ctx):
+        return self.maps
+
+
 def test_multi_scale_identity_matches_collaborative_branch_bitwise():
     torch.manual_seed(0)
     C = 32
     strides = (4, 8, 16, 32, 64)
     shapes = [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]
     maps = [torch.randn(2, C, h, w) for h, w in shapes]
-    ad = MultiScaleAdapter(strides, (4, 8, 16, 32, 64, 128), embed_dim=C, num_gn_groups=8)
+    head = _MapsHead(maps)
     branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=3, embed_dim=C, num_gn_groups=8)
-    ad.downsample[0].load_state_dict(branch.downsample.state_dict())
-    memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
-    expect = branch.encoder_maps({"memory": memory, "spatial_shapes": torch.tensor(shapes)})
-    got = ad(maps)
-    assert len(got) == 6
-    for g, m in zip(got[:5], maps):
-        assert g is m
-    for g, e in zip(got, expect):
-        assert torch.equal(g, e)
-
+    expect = branch.encoder_maps(head, {})
+    # Co-DINO's identity path through the adapter: the same maps, bit for bit
     ident = MultiScaleAdapter(strides, strides, embed_dim=C)
     assert ident.is_identity and sum(p.numel() for p in ident.parameters()) == 0
     assert all(a is b for a, b in zip(ident(maps), maps))
+    branch.adapter = ident
+    got = branch.encoder_maps(head, {})
+    assert len(got) == 6 and all(torch.equal(g, e) for g, e in zip(got, expect))
+    # the adapter's own stride-2 level is the branch's extra map (same module layout: conv, GN)
+    ad = MultiScaleAdapter(strides, (4, 8, 16, 32, 64, 128), embed_dim=C, num_gn_groups=8)
+    ad.downsample[0].load_state_dict(branch.downsample.state_dict())
+    got = ad(maps)
+    assert len(got) == 6 and all(g is m for g, m in zip(got[:5], maps))
+    assert all(torch.equal(g, e) for g, e in zip(got, expect))
 
 
 def test_bad_strides_raise():
