@@ -7,7 +7,8 @@
 # Differences from configs/co_dino_vitl.py (COCO): window 16 with global blocks 2, 5, 8, ..., 23 (the official
 # use_lsj rope: at the fixed 1536 px input it equals the size-adaptive rope used here), drop path 0.3, 900 queries,
 # with_attn_mask=False (LSJ: every image counts as its 1536 x 1536 padded size), LSJ training (flip, scale
-# 0.1..2.0 of 1536, crop/pad to 1536 with 114; the official copy-paste needs masks and is left out), test: resize
+# 0.1..2.0 of 1536, crop/pad to 1536 with 114, boxes from the cropped masks, copy-paste as common/coco_lsj_data.py
+# - the masks serve copy-paste only), test: resize
 # the long side to 1536 and pad to 1536 x 1536 with 114; RoI head Shared2FC with class-specific regression;
 # AdamW lr 5e-5, wd 0.05, backbone lr x0.1 (the official LVIS config has no layer decay), steps at epochs 9 and 15.
 # LVIS evaluation counts up to 1000 detections per image as the official protocol (LVISEvaluator's default: 300),
@@ -20,7 +21,7 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler, get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from codetr.data import lsj_train_augmentation
+from codetr.data import CopyPasteDataset, DetrDatasetMapper, lsj_train_augmentation
 from codetr.modeling.optim import LrFactorByPrefix
 from codetr.modeling.backbone import LVIS_GLOBAL_BLOCKS
 
@@ -47,9 +48,24 @@ _rcnn.cls_agnostic_bbox_reg = False
 _rcnn.bbox_reg_weights = (10.0, 10.0, 5.0, 5.0)
 
 # ---------------------------------------------------------------- data (LVIS v1, repeat-factor sampling 0.001)
-dataloader.train.mapper.augmentations = L(lsj_train_augmentation)(
-    image_size=IMAGE_SIZE, min_scale=0.1, max_scale=2.0, pad_value=114.0
+dataloader.train.dataset = L(CopyPasteDataset)(
+    dataset=dataloader.train.dataset,
+    mapper=L(DetrDatasetMapper)(
+        is_train=True,
+        augmentations=L(lsj_train_augmentation)(
+            image_size=IMAGE_SIZE, min_scale=0.1, max_scale=2.0, pad_value=114.0
+        ),
+        image_format="RGB",
+        use_instance_mask=True,
+        instance_mask_format="bitmask",
+        recompute_boxes=True,
+    ),
+    max_num_pasted=100,
+    keep_masks=False,
 )
+dataloader.train.mapper = None
+dataloader.train.sampler.repeat_factors.dataset_dicts = "${dataloader.train.dataset.dataset}"
+dataloader.test.mapper.image_format = "RGB"
 dataloader.train.total_batch_size = 16  # 1 image per GPU x 16 GPUs (official)
 dataloader.test.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=IMAGE_SIZE, max_size=IMAGE_SIZE),

@@ -160,8 +160,9 @@ def test_co_dino_configs_and_documented_overrides():
     assert cfg.dataloader.train.mapper.augmentations._target_.__name__ == "detr_train_augmentation"
     lsj = LazyConfig.load(os.path.join(root, "co_dino_r50_lsj.py"))
     assert lsj.model.with_attn_mask is False and lsj.model.collaborative is not None
-    assert lsj.dataloader.train.mapper.augmentations._target_.__name__ == "lsj_train_augmentation"
-    assert lsj.dataloader.train.mapper.augmentations.image_size == 1024
+    assert lsj.dataloader.train.dataset.mapper.augmentations._target_.__name__ == "lsj_train_augmentation"
+    assert lsj.dataloader.train.dataset.mapper.augmentations.image_size == 1024
+    assert lsj.dataloader.train.dataset._target_.__name__ == "CopyPasteDataset"  # official LSJ + copy-paste
     # DINO baseline override
     base = LazyConfig.apply_overrides(cfg, ["model.collaborative=null", "model.query_head.transformer.num_co_heads=0"])
     assert base.model.collaborative is None and base.model.query_head.transformer.num_co_heads == 0

@@ -10,6 +10,7 @@ import pipeline_utils as pu  # noqa: E402
 
 import detectron2.data.transforms as T  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from codetr.data import DetrDatasetMapper, RandomChoice  # noqa: E402
 
@@ -29,9 +30,14 @@ def test_coco_lsj_lvis_data_configs():
     assert isinstance(augs[0], T.RandomFlip) and isinstance(augs[1], RandomChoice)
     assert augs[1].choices[0].augs[0].short_edge_length == tuple(range(480, 801, 32))
     lsj = _load("common/coco_lsj_data.py").dataloader
-    augs = instantiate(lsj.train.mapper).augmentations.augs
+    assert lsj.train.mapper is None and lsj.train.dataset.dataset.names == "coco_2017_train"
+    mapper = instantiate(lsj.train.dataset.mapper)
+    augs = mapper.augmentations.augs
     assert isinstance(augs[1], T.ResizeScale) and isinstance(augs[2], T.FixedSizeCrop)
-    assert augs[2].crop_size == (1024, 1024) and augs[2].pad_value == 114.0
+    assert augs[2].crop_size == (1024, 1024) and augs[2].pad_value == 114.0 and augs[2].seg_pad_value == 0
+    assert mapper.use_instance_mask and mapper.recompute_boxes and mapper.instance_mask_format == "bitmask"
+    assert lsj.train.dataset.max_num_pasted == 100 and lsj.train.dataset.keep_masks is False
+    assert OmegaConf.select(lsj, "test.mapper.image_format") == "RGB"
     lvis = _load("common/lvis_data.py").dataloader
     assert lvis.train.dataset.names == "lvis_v1_train" and lvis.test.dataset.names == "lvis_v1_val"
     assert lvis.evaluator.max_dets_per_image == 1000

@@ -101,8 +101,14 @@ def test_vitl_lvis_and_swinl_official_settings():
     assert cfg.model.query_head.num_classes == 1203 and cfg.model.with_attn_mask is False
     assert OmegaConf.select(cfg, "model.collaborative.aux_heads.1.num_classes") == 1203
     assert OmegaConf.select(cfg, "dataloader.evaluator.max_dets_per_image") == 1000
-    assert cfg.dataloader.train.dataset.names == "lvis_v1_train" and cfg.dataloader.test.dataset.names == "lvis_v1_val"
-    assert cfg.dataloader.train.mapper.augmentations.image_size == 1536
+    assert cfg.dataloader.train.dataset.dataset.names == "lvis_v1_train"
+    assert cfg.dataloader.test.dataset.names == "lvis_v1_val"
+    assert cfg.dataloader.train.dataset.mapper.augmentations.image_size == 1536
+    assert cfg.dataloader.train.dataset.max_num_pasted == 100 and cfg.dataloader.train.mapper is None
+    # repeat factors are computed on the plain LVIS dicts under the copy-paste dataset
+    dicts = cfg.dataloader.train.sampler.repeat_factors.dataset_dicts
+    assert dicts.names == "lvis_v1_train" and "max_num_pasted" not in dicts
+    assert LazyConfig.to_py(cfg)
     assert cfg.optimizer.weight_decay == 0.05
     swin = load("co_dino_swinl.py")
     assert swin.model.backbone.drop_path_rate == 0.3 and list(swin.model.neck.in_channels) == [192, 384, 768, 1536]

@@ -1,4 +1,5 @@
-"""codetr.data: box-only dataset mapper, DETR/LSJ augmentations, the embedded synthetic dataset.
+"""codetr.data: dataset mapper (boxes, optionally instance masks), copy-paste, DETR/LSJ augmentations, the
+embedded synthetic dataset (boxes and instance masks).
 
 Importing this module registers the synthetic datasets ``codetr_synthetic_train`` / ``codetr_synthetic_val``
 (generated under ``$CODETR_SYNTHETIC_ROOT`` or ``$DETECTRON2_DATASETS/codetr_synthetic`` on first use).
@@ -17,6 +18,7 @@ from .checks import (
     dataset_num_classes,
     get_detection_dataset_dicts,
 )
+from .copy_paste import CopyPasteDataset, paste_instances
 from .mapper import DetrDatasetMapper
 from .samplers import ResumableTrainingSampler
 from .synthetic import (

@@ -81,11 +81,14 @@ def detr_train_augmentation(
 
 def lsj_train_augmentation(image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
                            pad_value: float = 114.0):
-    """Large-scale jitter: flip, ResizeScale(min..max of image_size), FixedSizeCrop padded with ``pad_value``."""
+    """Large-scale jitter: flip, ResizeScale(min..max of image_size), FixedSizeCrop padded with ``pad_value``.
+
+    Instance masks (bitmask/RLE) are padded with 0 (FixedSizeCrop's default ``seg_pad_value`` is 255, which
+    would make the padding part of every mask)."""
     return [
         T.RandomFlip(horizontal=True),
         T.ResizeScale(min_scale=min_scale, max_scale=max_scale, target_height=image_size, target_width=image_size),
-        T.FixedSizeCrop(crop_size=(image_size, image_size), pad=True, pad_value=pad_value),
+        T.FixedSizeCrop(crop_size=(image_size, image_size), pad=True, pad_value=pad_value, seg_pad_value=0),
     ]
 
 

@@ -1,9 +1,12 @@
-"""Detection evaluators with the number of detections per image set explicitly.
+"""Detection evaluators (boxes, and instance masks for the instance models) with the number of detections per
+image set explicitly.
 
 Co-DINO keeps its top 300 boxes per image (1000 for the ViT-L configs), but detectron2's
 ``COCOEvaluator`` scores only the top 100 unless ``max_dets_per_image`` is passed, and the official LVIS
 numbers use up to 1000 detections per image where ``LVISEvaluator`` defaults to 300. One value,
-``max_dets_per_image``, sets both; configs tie it to the model's top-k.
+``max_dets_per_image``, sets both; configs tie it to the model's top-k. ``tasks`` (from the config: ("bbox",)
+for detectors, ("bbox", "segm") for instance models) is what the evaluator scores; the same detection limit
+applies to every task.
 """
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -21,9 +24,35 @@ def lvis_numpy_compat() -> None:
         np.float = float
 
 
+_TASKS = ("bbox", "segm")
+
+
+class _RequireMasks:
+    """Mixin: with the "segm" task, every output must carry ``pred_masks`` (pycocotools would otherwise turn
+    the boxes into box-shaped masks and report a box AP as mask AP)."""
+
+    def process(self, inputs, outputs):
+        if "segm" in self._tasks:
+            for inp, out in zip(inputs, outputs):
+                if "instances" in out and not out["instances"].has("pred_masks"):
+                    raise ValueError(
+                        f"evaluation task 'segm' needs pred_masks, but the model's output for image "
+                        f"{inp.get('image_id')!r} has none: an instance model, or tasks=('bbox',)"
+                    )
+        super().process(inputs, outputs)
+
+
+class _COCOEvaluator(_RequireMasks, COCOEvaluator):
+    pass
+
+
+class _LVISEvaluator(_RequireMasks, LVISEvaluator):
+    pass
+
+
 def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, output_dir=None,
-                              distributed: bool = True):
-    """COCOEvaluator or LVISEvaluator (by the dataset's ``evaluator_type``) for boxes.
+                              distributed: bool = True, tasks=("bbox",)):
+    """COCOEvaluator or LVISEvaluator (by the dataset's ``evaluator_type``) for boxes and/or masks.
 
     Args:
         dataset_name: a registered detectron2 dataset name.
@@ -32,10 +61,14 @@ def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, 
             1000 for the official LVIS protocol.
         output_dir: where the evaluator writes predictions (optional).
         distributed: gather predictions from all processes before evaluating.
+        tasks: "bbox" (needs ``pred_boxes``) and/or "segm" (needs ``pred_masks``) of the model's outputs.
     """
     check_dataset_registered(dataset_name)
     if isinstance(max_dets_per_image, bool) or not isinstance(max_dets_per_image, int) or max_dets_per_image < 1:
         raise ValueError(f"max_dets_per_image must be a positive int, got {max_dets_per_image!r}")
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= set(_TASKS):
+        raise ValueError(f"tasks must be distinct items of {_TASKS}, got {tasks!r}")
     meta = MetadataCatalog.get(dataset_name)
     params = meta.get("synthetic_params")
     if params is not None:  # make sure the json file exists before the evaluator reads it
@@ -49,12 +82,12 @@ def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, 
         DatasetCatalog.get(dataset_name)
     if evaluator_type == "lvis":
         lvis_numpy_compat()
-        return LVISEvaluator(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir,
+        return _LVISEvaluator(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir,
                              max_dets_per_image=max_dets_per_image)
     if evaluator_type == "coco":
-        return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=distributed, output_dir=output_dir,
+        return _COCOEvaluator(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir,
                              max_dets_per_image=max_dets_per_image)
     raise ValueError(
-        f"dataset {dataset_name!r} has evaluator_type={evaluator_type!r}; only 'coco' and 'lvis' box "
+        f"dataset {dataset_name!r} has evaluator_type={evaluator_type!r}; only 'coco' and 'lvis' "
         "evaluation are supported here"
     )
