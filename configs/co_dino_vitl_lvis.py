@@ -9,7 +9,9 @@
 # with_attn_mask=False (LSJ: every image counts as its 1536 x 1536 padded size), LSJ training (flip, scale
 # 0.1..2.0 of 1536, crop/pad to 1536 with 114, boxes from the cropped masks, copy-paste as common/coco_lsj_data.py
 # - the masks serve copy-paste only), test: resize
-# the long side to 1536 and pad to 1536 x 1536 with 114; RoI head Shared2FC with class-specific regression;
+# the long side to 1536 in the mapper, and the model pads to 1536 x 1536 with 114 before normalising
+# (``model.square_pad``: detections are rescaled by original / resized size, not by the padded size); RoI head
+# Shared2FC with class-specific regression;
 # AdamW lr 5e-5, wd 0.05, backbone lr x0.1 (the official LVIS config has no layer decay), steps at epochs 9 and 15.
 # LVIS evaluation counts up to 1000 detections per image as the official protocol (LVISEvaluator's default: 300),
 # tied to the model's top-k (soft-NMS, 1000).
@@ -37,6 +39,8 @@ model.backbone.window_size = 16
 model.backbone.global_block_indexes = LVIS_GLOBAL_BLOCKS
 model.backbone.drop_path_rate = 0.3
 model.with_attn_mask = False
+model.square_pad = IMAGE_SIZE  # pad in the model (pixel value 114), so post-processing knows the unpadded size
+model.pad_value = 114.0
 model.query_head.num_classes = 1203
 model.query_head.transformer.num_queries = 900
 model.postprocessor.max_per_img = 1000
@@ -68,8 +72,7 @@ dataloader.train.sampler.repeat_factors.dataset_dicts = "${dataloader.train.data
 dataloader.test.mapper.image_format = "RGB"
 dataloader.train.total_batch_size = 16  # 1 image per GPU x 16 GPUs (official)
 dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=IMAGE_SIZE, max_size=IMAGE_SIZE),
-    L(T.FixedSizeCrop)(crop_size=(IMAGE_SIZE, IMAGE_SIZE), pad=True, pad_value=114.0),
+    L(T.ResizeShortestEdge)(short_edge_length=IMAGE_SIZE, max_size=IMAGE_SIZE),  # padding: model.square_pad
 ]
 dataloader.evaluator.max_dets_per_image = "${...model.postprocessor.max_per_img}"  # 1000, the official protocol
 

@@ -6,6 +6,9 @@
 # instance models set keep_masks=True. Pair it with ``model.with_attn_mask=False``.
 # Without copy-paste: dataloader.train.dataset.max_num_pasted=1 (nothing pasted, no source image read).
 # The training set is the copy-paste dataset's ``dataset``; the loader's mapper is None (the dataset maps).
+# Test (official LSJ test pipeline): resize to fit 1024x1024 keeping the aspect ratio; pair it with
+# ``model.square_pad=1024, model.pad_value=114`` (the model pads, so boxes are rescaled by the resize factor).
+import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 
 from codetr.data import CopyPasteDataset, DetrDatasetMapper, lsj_train_augmentation
@@ -27,3 +30,4 @@ dataloader.train.dataset = L(CopyPasteDataset)(
 )
 dataloader.train.mapper = None
 dataloader.test.mapper.image_format = "${...train.dataset.mapper.image_format}"
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=1024, max_size=1024)]

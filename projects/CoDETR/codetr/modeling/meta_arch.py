@@ -33,6 +33,13 @@ class CoDETR(nn.Module):
         with_attn_mask: if False every image counts as its padded size (no padding masks; boxes
             normalised by the padded size), as the official LSJ configs.
         size_divisibility: pad the batch to a multiple of this.
+        square_pad: if > 0, pad every image (bottom/right) to ``square_pad`` x ``square_pad`` pixels with the pixel
+            value ``pad_value`` *before* normalisation, as the official fixed-size LSJ test pipelines do
+            (LVIS: 1536, value 114; detectron2's ViTDet calls it ``square_pad``). The detections are still
+            post-processed with each image's unpadded size, so they are rescaled by original / resized. An image
+            larger than ``square_pad`` is an error. 0 (default): pad the normalised batch with 0 to
+            ``size_divisibility`` only.
+        pad_value: the pixel value (input range, before normalisation) of the ``square_pad`` padding.
         collaborative: optional module of the auxiliary heads, called in training as
             ``collaborative(enc_ctx, images, gt_instances, query_head) -> dict of losses``.
             With ``None`` the model is exactly DINO.
@@ -52,6 +59,8 @@ class CoDETR(nn.Module):
         input_format: str = "RGB",
         with_attn_mask: bool = True,
         size_divisibility: int = 32,
+        square_pad: int = 0,
+        pad_value: float = 0.0,
         collaborative: Optional[nn.Module] = None,
         eval_module: str = "detr",
         postprocessor: Optional[nn.Module] = None,
@@ -72,6 +81,10 @@ class CoDETR(nn.Module):
         self.input_format = input_format
         self.with_attn_mask = with_attn_mask
         self.size_divisibility = size_divisibility
+        if square_pad < 0:
+            raise ValueError(f"square_pad must be >= 0, got {square_pad}")
+        self.square_pad = int(square_pad)
+        self.pad_value = float(pad_value)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -86,8 +99,22 @@ class CoDETR(nn.Module):
             masks: (B, H, W) bool, True on padding (all False when ``with_attn_mask=False``);
             norm_sizes: (B, 2) float (h, w) by which boxes are normalised.
         """
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        if self.square_pad > 0:
+            for i, x in enumerate(batched_inputs):
+                h, w = x["image"].shape[-2:]
+                if h > self.square_pad or w > self.square_pad:
+                    raise ValueError(
+                        f"image {self._image_name(x, i)} is {h}x{w}, larger than square_pad={self.square_pad}: "
+                        "resize it in the mapper first (e.g. ResizeShortestEdge(max_size=square_pad))"
+                    )
+            # pad in pixel space (value pad_value, e.g. 114), then normalise: the official Pad -> Normalize order
+            raw = [x["image"].to(self.device).float() for x in batched_inputs]
+            images = ImageList.from_tensors(raw, self.size_divisibility, pad_value=self.pad_value,
+                                            padding_constraints={"square_size": self.square_pad})
+            images.tensor = (images.tensor - self.pixel_mean) / self.pixel_std
+        else:
+            images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+            images = ImageList.from_tensors(images, self.size_divisibility)
         B, _, H, W = images.tensor.shape
         masks = torch.ones(B, H, W, dtype=torch.bool, device=self.device)
         if self.with_attn_mask:
