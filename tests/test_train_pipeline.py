@@ -219,3 +219,41 @@ def test_script_rejects_bad_config_before_training(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         script.main(parser.parse_args(common + ["train.amp.enabled=True", "train.amp.precision=fp8"]))
     assert not any(f.endswith(".pth") for f in os.listdir(tmp_path))
+
+
+def _evaluated_state(script, parser, argv, monkeypatch):
+    """Run ``--eval-only`` and return the state dict of the model that do_test was given."""
+    seen = {}
+
+    def fake_do_test(cfg, model):
+        seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {}
+
+    monkeypatch.setattr(script, "do_test", fake_do_test)
+    script.main(parser.parse_args(argv))
+    return seen["state"]
+
+
+def test_eval_only_with_ema_evaluates_the_loaded_weights(tmp_path, monkeypatch):
+    """--eval-only with EMA on: a checkpoint with model_ema is evaluated with those weights; one without it
+    (as official/converted weights) with its model weights - never the EMA copy of the fresh random model."""
+    script = pu.load_train_script()
+    parser = script.build_argument_parser()
+    common = ["--config-file", pu.TINY_CONFIG, "train.max_iter=3"]
+    with_ema, without = str(tmp_path / "ema"), str(tmp_path / "plain")
+    script.main(parser.parse_args(common + [f"train.output_dir={with_ema}", "train.model_ema.enabled=True",
+                                            "train.model_ema.momentum=0.3", "train.model_ema.gamma=1"]))
+    script.main(parser.parse_args(common + [f"train.output_dir={without}"]))
+    ck_ema = torch.load(os.path.join(with_ema, "model_final.pth"), map_location="cpu", weights_only=False)
+    ck_plain = torch.load(os.path.join(without, "model_final.pth"), map_location="cpu", weights_only=False)
+    assert "model_ema" in ck_ema and "model_ema" not in ck_plain
+    assert not torch.equal(ck_ema["model_ema"]["model"]["cls.weight"], ck_ema["model"]["cls.weight"])
+    eval_args = ["--eval-only"] + common + ["train.model_ema.enabled=True", f"train.output_dir={tmp_path / 'eval'}"]
+    got = _evaluated_state(script, parser, eval_args + [f"train.init_checkpoint={with_ema}/model_final.pth"],
+                           monkeypatch)
+    for k, v in ck_ema["model_ema"]["model"].items():
+        assert torch.equal(got[k], v), k
+    got = _evaluated_state(script, parser, eval_args + [f"train.init_checkpoint={without}/model_final.pth"],
+                           monkeypatch)
+    for k, v in ck_plain["model"].items():
+        assert torch.equal(got[k], v), k

@@ -253,6 +253,8 @@ def do_train(args, cfg):
     )
 
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if ema is not None and not ema.loaded:  # no EMA state in the checkpoint: average from the loaded weights
+        ema.reset(model)
     if args.resume and checkpointer.has_checkpoint():
         # the checkpoint stores the iteration that just finished
         start_iter = trainer.iter + 1
@@ -290,7 +292,14 @@ def main(args):
         ema = build_ema(cfg, model)
         checkpointables = {"model_ema": ema} if ema is not None else {}
         CoDETRCheckpointer(model, **checkpointables).load(cfg.train.init_checkpoint)
-        eval_model = ema.model if ema is not None else model
+        eval_model = model
+        if ema is not None:
+            if ema.loaded:
+                logger.info(f"Evaluating the EMA weights (model_ema) of {cfg.train.init_checkpoint}")
+            else:  # official / converted weights have no EMA state: the EMA copy must be the loaded model
+                logger.info(f"{cfg.train.init_checkpoint} has no model_ema entry: evaluating its model weights")
+                ema.reset(model)
+            eval_model = ema.model
         eval_model = create_ddp_model(eval_model, cfg.train.device)
         results = do_test(cfg, eval_model)
         _print_final(results)

@@ -25,7 +25,10 @@ class ModelEMA:
         model: the trained model (a DDP wrapper is unwrapped).
         momentum: the final per-step weight of the live model (1e-4 in Co-DETR).
         gamma: iterations of the exponential warm-up of the momentum (mmdet's ``total_iter``).
-    Implements ``state_dict``/``load_state_dict`` so a checkpointer can save it.
+    Implements ``state_dict``/``load_state_dict`` so a checkpointer can save it; ``loaded`` tells whether
+    ``load_state_dict`` ran (a checkpoint had an EMA state). After loading a checkpoint without one (official or
+    converted weights, an ``init_checkpoint``), call ``reset(model)`` so that the copy holds the loaded weights,
+    not the ones the model had when the EMA was built.
     """
 
     def __init__(self, model: nn.Module, momentum: float = 1e-4, gamma: float = 2000.0):
@@ -38,6 +41,13 @@ class ModelEMA:
         self.model = copy.deepcopy(_unwrap(model)).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.num_updates = 0
+        self.loaded = False
+
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average from ``model``'s current weights (all state-dict entries copied)."""
+        self.model.load_state_dict(_unwrap(model).state_dict())
         self.num_updates = 0
 
     def current_momentum(self) -> float:
@@ -66,3 +76,4 @@ class ModelEMA:
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.num_updates = int(state["num_updates"])
+        self.loaded = True
