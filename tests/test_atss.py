@@ -265,3 +265,38 @@ def test_head_inference_shapes():
     b = out[1].pred_boxes.tensor
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 70).all() and (b[:, 3] <= 50).all()
     assert (out[0].scores[:-1] >= out[0].scores[1:]).all()
+
+
+def test_normalisers_are_float32_under_bf16(monkeypatch):
+    """The positive-count normalisers do not take the logits' dtype: with 300 + max(0, 1) = 301 positives (not a
+    bf16 number), bf16 logits give exactly the float32 normalisers."""
+    import codetr.modeling.atss as atss
+
+    seen = []
+
+    def recording_reduce_mean(x):
+        seen.append(x.detach().clone())
+        return atss_reduce_mean(x)
+
+    atss_reduce_mean = atss.reduce_mean
+    monkeypatch.setattr(atss, "reduce_mean", recording_reduce_mean)
+    head = _small_head()
+    g = torch.Generator().manual_seed(0)
+    B, A = 2, 400
+    xy = torch.rand(A, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + 16], 1)
+    labels = torch.full((B, A), 5, dtype=torch.long)
+    labels[0, :300] = torch.randint(0, 5, (300,), generator=g)
+    targets = anchors[None].repeat(B, 1, 1) + torch.rand(B, A, 4, generator=g)
+    deltas = torch.randn(B, A, 4, generator=g) * 0.1
+    valid = torch.ones(B, A, dtype=torch.bool)
+    normalisers = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        seen.clear()
+        logits = torch.randn(B, A, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+        ctr = torch.randn(B, A, generator=torch.Generator().manual_seed(2)).to(dtype)
+        head.losses(anchors, logits, deltas, ctr, labels, targets, valid)
+        assert all(x.dtype == torch.float32 for x in seen), [x.dtype for x in seen]
+        normalisers[dtype] = torch.stack(seen)
+    assert normalisers[torch.float32][0] == 301
+    assert torch.equal(normalisers[torch.float32], normalisers[torch.bfloat16])

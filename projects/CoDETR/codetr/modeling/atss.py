@@ -375,7 +375,8 @@ class ATSSHead(nn.Module):
         """Focal + centerness-weighted GIoU + BCE centerness; shapes (A,4), (B,A,K), (B,A,4), (B,A), (B,A), (B,A,4), (B,A)."""
         pos = labels < self.num_classes  # (B, A)
         # normaliser as mmdet: sum over images of max(#pos, 1), averaged over processes, >= 1
-        num_pos = reduce_mean(pos.sum(dim=1).clamp(min=1).sum().to(logits.dtype)).clamp(min=1.0)
+        # (float32 whatever the autocast dtype: bf16 would round counts above 256)
+        num_pos = reduce_mean(pos.sum(dim=1).clamp(min=1).sum().float()).clamp(min=1.0)
 
         onehot = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(logits.dtype)
         loss_cls = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
@@ -387,7 +388,7 @@ class ATSSHead(nn.Module):
         pos_ctr_logits = ctrness[pos]
         ctr_t = centerness_targets(pos_anchors, pos_targets)
         pred_boxes = self.box2box_transform.apply_deltas(pos_deltas, pos_anchors)
-        ctr_norm = reduce_mean(ctr_t.sum()).clamp(min=1.0)
+        ctr_norm = reduce_mean(ctr_t.float().sum()).clamp(min=1.0)
         if pos_deltas.shape[0] > 0:
             loss_bbox = (giou_loss(pred_boxes, pos_targets, reduction="none") * ctr_t).sum() / ctr_norm
             loss_ctr = F.binary_cross_entropy_with_logits(pos_ctr_logits, ctr_t, reduction="sum") / num_pos
