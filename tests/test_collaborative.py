@@ -294,3 +294,68 @@ def test_branch_runs_heads_and_positive_query_passes():
     aux_only.backward()
     assert memory.grad is not None and memory.grad.abs().sum() > 0
     assert branch.downsample[0].weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ official behaviours: padding anchors
+def _location_valid(anchors: torch.Tensor, stride: int, size) -> torch.Tensor:
+    """Reference from the anchors themselves: the feature location of an anchor is its centre / stride (centres sit
+    at stride * index, offset 0); valid when inside the image's size rounded up to 32 (mmdet's pad_shape)."""
+    ph, pw = (-(-size[0] // 32) * 32, -(-size[1] // 32) * 32)
+    c = (anchors[:, :2] + anchors[:, 2:]) / 2
+    ix, iy = torch.floor(c[:, 0] / stride + 1e-3), torch.floor(c[:, 1] / stride + 1e-3)
+    return (ix < -(-pw // stride)) & (iy < -(-ph // stride))
+
+
+def test_rpn_never_samples_anchors_in_the_batch_padding():
+    """2-image batch, image 0 (50 x 60, padded per image to 64 x 64) in a 160 x 192 batch: its sampled anchors
+    (positives and negatives) all lie in its valid region, though most of its anchors are in the padding;
+    image 1 (the batch size) samples everywhere."""
+    torch.manual_seed(0)
+    r = _rcnn()
+    strides = (4, 8, 16, 32, 64, 128)
+    feats = r._feature_dict(_feats(2, 160, 192))
+    sizes = [(50, 60), (160, 192)]
+    gts = [_inst([[10, 12, 40, 45]], [2], sizes[0]), _inst([[20, 30, 150, 120], [100, 10, 180, 60]], [0, 4], sizes[1])]
+    images = ImageList(torch.zeros(2, 3, 160, 192), sizes)
+    seen = {}
+    original = r.rpn.losses
+
+    def capture(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes):
+        seen["anchors"], seen["labels"] = anchors, gt_labels
+        return original(anchors, pred_objectness_logits, gt_labels, pred_anchor_deltas, gt_boxes)
+
+    r.rpn.losses = capture
+    with EventStorage():
+        r.rpn(images, feats, gts)
+    per_level = [a.tensor for a in seen["anchors"]]
+    for i, size in enumerate(sizes):
+        valid = torch.cat([_location_valid(a, s, size) for a, s in zip(per_level, strides)])
+        sampled = seen["labels"][i] >= 0
+        assert int(sampled.sum()) == 256 and (seen["labels"][i] == 1).any()
+        assert valid[sampled].all()
+        if i == 0:
+            assert (~valid).sum() > 0.8 * len(valid)  # most of image 0's anchors are padding: a plain RPN samples them
+    assert (~torch.cat([_location_valid(a, s, sizes[0]) for a, s in zip(per_level, strides)]))[
+        seen["labels"][1] >= 0].any()  # image 1 does use the locations that are padding for image 0
+
+
+def test_atss_positive_queries_get_zero_boxes_outside_the_valid_region():
+    """As the official ATSS target step (un-map with fill 0): anchors outside an image's valid region come out as
+    zero boxes (background, zero targets); the valid ones are the anchors."""
+    torch.manual_seed(0)
+    head = ATSSHead(num_classes=K, in_channels=32, feat_channels=32, num_gn_groups=8)
+    strides = (4, 8, 16, 32, 64, 128)
+    feats = _feats(2, 160, 192)
+    sizes = [(50, 60), (160, 192)]
+    gts = [_inst([[10, 12, 40, 45]], [2], sizes[0]), _inst([[20, 30, 150, 120]], [0], sizes[1])]
+    with EventStorage():
+        _, positives = head(feats, ImageList(torch.zeros(2, 3, 160, 192), sizes), gts)
+    anchors = head.anchor_generator([f for f in feats])
+    for p, size in zip(positives, sizes):
+        valid = torch.cat([_location_valid(a.tensor, s, size) for a, s in zip(anchors, strides)])
+        all_anchors = torch.cat([a.tensor for a in anchors])
+        assert torch.equal(p["boxes"][valid], all_anchors[valid])
+        assert (p["boxes"][~valid] == 0).all() and (p["labels"][~valid] == K).all()
+        assert (p["target_boxes"][~valid] == 0).all()
+        assert (p["labels"][valid] < K).any()
+    assert (~torch.cat([_location_valid(a.tensor, s, sizes[0]) for a, s in zip(anchors, strides)])).any()

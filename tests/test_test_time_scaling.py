@@ -4,8 +4,8 @@ The boxes a detector returns must be in the coordinates of the original image: r
 size, never by original / padded size (the bug: the LVIS test mapper padded every image to 1536 x 1536, so
 ``detector_postprocess`` squashed every box of a non-square image). For each config this runs the config's own
 test mapper and a CoDETR with the config's pre/post-processing settings (pixel mean/std, ``with_attn_mask``,
-``size_divisibility``, ``square_pad``, ``pad_value``) around an oracle head that returns the box of the bright
-rectangle it sees, and checks:
+``size_divisibility``, ``square_pad``, ``pad_value``) and its real post-processor around an oracle query head that
+returns the box of the bright rectangle it sees, and checks:
 
 * the detection, in original-image coordinates, is the rectangle drawn in the original image;
 * the resized image and the same image padded by hand to the network's input size give the same boxes in their
@@ -63,15 +63,9 @@ class OracleHead(nn.Module):
         scale = image_sizes.flip(1).repeat(1, 2)
         return torch.ones(x.shape[0], 1, 1), box_convert(boxes / scale, "xyxy", "cxcywh")[:, None]
 
-    def inference(self, logits, boxes, image_sizes):  # DINOHead.inference's contract: pixels of image_sizes
-        scale = image_sizes.flip(1).repeat(1, 2)
-        xyxy = box_convert(boxes[:, 0], "cxcywh", "xyxy") * scale
-        return [dict(boxes=xyxy[b : b + 1], scores=logits[b, :, 0], labels=torch.zeros(1, dtype=torch.int64))
-                for b in range(len(xyxy))]
-
 
 def oracle_model(model_cfg):
-    """CoDETR with the config's pre/post-processing settings around the oracle head."""
+    """CoDETR with the config's pre-processing settings and default post-processor around the oracle head."""
     kw = {k: model_cfg[k] for k in ("pixel_mean", "pixel_std", "input_format", "with_attn_mask", "size_divisibility",
                                     "square_pad", "pad_value") if k in model_cfg}
     mean, std = kw["pixel_mean"][0], kw["pixel_std"][0]
@@ -135,7 +129,7 @@ def test_boxes_come_back_in_original_coordinates(name, tmp_path):
 SHRUNK_VIT = [
     "model.backbone.embed_dim=64", "model.backbone.depth=2", "model.backbone.num_heads=4",
     "model.backbone.global_block_indexes=[1]", "model.backbone.window_size=4", "model.backbone.pretrain_img_size=64",
-    "model.neck.in_channels=64", "model.query_head.transformer.num_queries=50", "model.query_head.max_per_img=100",
+    "model.neck.in_channels=64", "model.query_head.transformer.num_queries=50", "model.postprocessor.max_per_img=100",
     "model.square_pad=64",
 ]
 

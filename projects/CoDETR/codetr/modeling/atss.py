@@ -206,6 +206,7 @@ class ATSSHead(nn.Module):
         test_nms_thresh: float = 0.6,
         test_score_thresh: float = 0.0,
         test_detections_per_image: int = 100,
+        valid_size_divisor: int = 32,
     ):
         """
         Args:
@@ -215,8 +216,12 @@ class ATSSHead(nn.Module):
             bbox_reg_weights: delta coder weights, 1/stds (official stds 0.1, 0.1, 0.2, 0.2).
             loss_*_weight: loss multipliers (Co-DINO configs: 12, 24, 12).
             head_index: appended to the loss keys (``loss_cls1`` ...).
+            valid_size_divisor: anchors are valid (assignable, sampled, real boxes among the positive queries) at
+                the feature locations inside each image's size rounded up to this multiple (mmdet's per-image
+                ``pad_shape``: the official pipelines pad each image to a multiple of 32).
         """
         super().__init__()
+        self.valid_size_divisor = max(int(valid_size_divisor), 1)
         if num_classes < 1:
             raise ValueError(f"ATSSHead: num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -282,12 +287,15 @@ class ATSSHead(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
     def _valid_mask(self, features: List[Tensor], image_sizes: Tensor) -> Tensor:
-        """(B, A) bool: anchors whose grid cell lies in the image (not in batch padding), as mmdet's valid flags."""
+        """(B, A) bool: anchors whose grid cell lies in the image's padded size (not in the batch padding beyond
+        it), as mmdet's valid flags."""
         masks = []
+        d = self.valid_size_divisor
+        padded = torch.ceil(image_sizes.float() / d) * d  # the per-image padded size (mmdet's pad_shape)
         for x, s in zip(features, self.strides):
             h, w = x.shape[-2:]
-            vh = torch.ceil(image_sizes[:, 0].float() / s)
-            vw = torch.ceil(image_sizes[:, 1].float() / s)
+            vh = torch.ceil(padded[:, 0] / s)
+            vw = torch.ceil(padded[:, 1] / s)
             ys = torch.arange(h, device=x.device)
             xs = torch.arange(w, device=x.device)
             m = (ys[None, :, None] < vh[:, None, None]) & (xs[None, None, :] < vw[:, None, None])
@@ -336,7 +344,8 @@ class ATSSHead(nn.Module):
 
         Returns:
             losses: ``loss_cls{i}``, ``loss_bbox{i}``, ``loss_centerness{i}`` (weights applied).
-            positives: per image a dict ``boxes`` (A, 4) anchors, ``labels`` (A,), ``target_boxes`` (A, 4).
+            positives: per image a dict ``boxes`` (A, 4) anchors (zero boxes where not valid), ``labels`` (A,),
+                ``target_boxes`` (A, 4).
         """
         if len(gt_instances) != features[0].shape[0]:
             raise ValueError(
@@ -357,8 +366,11 @@ class ATSSHead(nn.Module):
         ctrness = cat([self._flatten(x) for x in ctrness], dim=1).squeeze(-1)  # (B, A)
         losses = self.losses(anchors, logits, deltas, ctrness, labels, target_boxes, valid)
 
+        # Anchors outside an image's valid region reach the positive queries as zero boxes (always background),
+        # as the official ATSS target step, which un-maps its valid anchors with fill 0.
+        pos_anchors = torch.where(valid[..., None], anchors[None], anchors.new_zeros(()))
         positives = [
-            {"boxes": anchors, "labels": labels[i], "target_boxes": target_boxes[i]} for i in range(len(labels))
+            {"boxes": pos_anchors[i], "labels": labels[i], "target_boxes": target_boxes[i]} for i in range(len(labels))
         ]
         return losses, positives
 

@@ -25,6 +25,11 @@ Correspondences with the official mmdet config (``co_dino_5scale_r50_1x_coco.py`
 - ``DeltaXYWHBBoxCoder`` with stds (0.1, 0.1, 0.2, 0.2) is ``Box2BoxTransform((10, 10, 5, 5))``;
 - RoI GIoU on decoded boxes and CE are both averaged over the sampled RoIs in mmdet and detectron2.
 
+Anchors in the batch padding: detectron2's RPN (``anchor_boundary_thresh=-1``) samples every anchor, so an image
+smaller than the batch gets negatives from the padding; mmdet skips anchors whose feature location lies outside the
+image's own padded size (``valid_flags`` with the pipeline's ``size_divisor`` 32). :class:`ValidAnchorRPN` (detectron2's
+``RPN`` with one step added) labels those anchors "ignore" before sampling, as the official code.
+
 Known difference: mmdet's RPN low-quality matches require IoU >= 0.3 (``min_pos_iou``); detectron2's Matcher
 accepts a GT's best anchors at any IoU > 0. The anchor order inside a location also differs (mmdet: ratio-major,
 detectron2: size-major), which matters only when converting official RPN weights.
@@ -49,7 +54,7 @@ from detectron2.structures import ImageList, Instances
 
 from codetr.layers import ROIAlign
 
-__all__ = ["RCNNBranch"]
+__all__ = ["RCNNBranch", "ValidAnchorRPN"]
 
 
 def _use_codetr_roi_align(pooler: ROIPooler) -> None:
@@ -61,6 +66,58 @@ def _use_codetr_roi_align(pooler: ROIPooler) -> None:
             sampling_ratio=level_pooler.sampling_ratio,
             aligned=level_pooler.aligned,
         )
+
+
+class ValidAnchorRPN(RPN):
+    """detectron2's :class:`RPN` whose anchor sampling skips anchors outside each image's valid region.
+
+    An anchor is valid when its feature location (y, x) on level l satisfies ``y < ceil(H_i / stride_l)`` and
+    ``x < ceil(W_i / stride_l)``, with (H_i, W_i) image i's size (``images.image_sizes``) rounded up to
+    ``valid_size_divisor`` (mmdet's per-image ``pad_shape``; official pipelines pad to 32). Invalid anchors get the
+    label -1 (ignored: neither positive nor sampled negative) before detectron2 samples the 256 anchors per image.
+    Everything else is detectron2's (matching, sampling, losses, proposals).
+
+    Args:
+        valid_size_divisor: the per-image padding multiple of the official pipeline (32).
+        everything else: :class:`detectron2.modeling.proposal_generator.RPN`'s arguments.
+    """
+
+    def __init__(self, *args, valid_size_divisor: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.valid_size_divisor = int(valid_size_divisor)
+        self._valid_per_image = None
+
+    def valid_anchors(self, grid_sizes: Sequence[Tuple[int, int]], image_sizes, device) -> Tensor:
+        """(B, R) bool over the anchors of every level in detectron2's order (location-major, A per location)."""
+        d = max(self.valid_size_divisor, 1)
+        sizes = torch.as_tensor([[h, w] for h, w in image_sizes], device=device)
+        sizes = torch.div(sizes + d - 1, d, rounding_mode="floor") * d
+        num_cell = self.anchor_generator.num_cell_anchors
+        masks = []
+        for (h, w), stride, a in zip(grid_sizes, self.anchor_generator.strides, num_cell):
+            vh = torch.div(sizes[:, 0] + stride - 1, stride, rounding_mode="floor")
+            vw = torch.div(sizes[:, 1] + stride - 1, stride, rounding_mode="floor")
+            ys = torch.arange(h, device=device)
+            xs = torch.arange(w, device=device)
+            m = (ys[None, :, None] < vh[:, None, None]) & (xs[None, None, :] < vw[:, None, None])  # (B, h, w)
+            masks.append(m.flatten(1).repeat_interleave(a, dim=1))
+        return torch.cat(masks, dim=1)
+
+    def forward(self, images: ImageList, features: Dict[str, Tensor], gt_instances: Optional[List[Instances]] = None):
+        if self.training and gt_instances is not None:
+            grid = [tuple(features[f].shape[-2:]) for f in self.in_features]
+            device = features[self.in_features[0]].device
+            self._valid_per_image = iter(self.valid_anchors(grid, images.image_sizes, device))
+        try:
+            return super().forward(images, features, gt_instances)
+        finally:
+            self._valid_per_image = None
+
+    def _subsample_labels(self, label: Tensor) -> Tensor:
+        # called once per image, in batch order, by RPN.label_and_sample_anchors
+        if self._valid_per_image is not None:
+            label = label.masked_fill(~next(self._valid_per_image), -1)
+        return super()._subsample_labels(label)
 
 
 class RCNNBranch(nn.Module):
@@ -137,7 +194,7 @@ class RCNNBranch(nn.Module):
             sizes=sizes, aspect_ratios=[list(anchor_ratios)], strides=strides, offset=0.0
         )
         num_anchors = anchor_scales_per_octave * len(anchor_ratios)
-        self.rpn = RPN(
+        self.rpn = ValidAnchorRPN(
             in_features=self.in_features,
             head=StandardRPNHead(in_channels=in_channels, num_anchors=num_anchors, box_dim=4),
             anchor_generator=anchor_generator,
