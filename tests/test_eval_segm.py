@@ -68,7 +68,7 @@ def _predictions(coco, n_noise, rng):
     return per_image, results
 
 
-def _feed(ev, per_image, with_masks=True):
+def _feed(ev, per_image, with_masks=True, mask_scores=None):
     ev.reset()
     for img_id, (masks, scores, classes) in per_image.items():
         h, w = masks[0].shape
@@ -82,6 +82,8 @@ def _feed(ev, per_image, with_masks=True):
         inst.pred_classes = torch.tensor(classes, dtype=torch.int64)
         if not with_masks:
             inst.remove("pred_masks")
+        if mask_scores is not None:
+            inst.mask_scores = torch.tensor(mask_scores[img_id])
         ev.process([{"image_id": img_id}], [{"instances": inst}])
 
 
@@ -155,3 +157,26 @@ def test_lvis_segm_ap_equals_lvis_at_1000_dets(gt, tmp_path):
         assert res["segm"]["AP"] == pytest.approx(100 * ref.results["AP"], abs=1e-6)
         aps[max_dets] = res["segm"]["AP"]
     assert aps[300] == pytest.approx(0.0, abs=1e-6) and aps[1000] > 0.1  # lost at 300, found at 1000
+
+
+def test_masks_ranked_by_mask_scores_boxes_by_box_scores(gt, tmp_path):
+    """With ``mask_scores`` (Co-DINO-Inst: IoU x box score) segm AP ranks by them, bbox AP by ``scores``."""
+    path, coco = gt
+    if "segmtest_coco" not in DatasetCatalog.list():
+        register_coco_instances("segmtest_coco", {}, path, os.path.dirname(path))
+    DatasetCatalog.get("segmtest_coco")
+    rng = np.random.default_rng(2)
+    per_image, results = _predictions(coco, n_noise=5, rng=rng)
+    mask_scores = {i: list(rng.uniform(0, 1, len(v[1]))) for i, v in per_image.items()}
+    ev = build_detection_evaluator("segmtest_coco", max_dets_per_image=100, distributed=False,
+                                   tasks=("bbox", "segm"), output_dir=str(tmp_path))
+    _feed(ev, per_image, mask_scores=mask_scores)
+    res = ev.evaluate()
+    flat_mask_scores = [s for i in sorted(per_image) for s in mask_scores[i]]
+    seg_results = [dict(r, score=s) for r, s in zip(results, flat_mask_scores)]
+    assert res["segm"]["AP"] == pytest.approx(_pycocotools(coco, seg_results, "segm", 100)[0], abs=1e-6)
+    assert res["bbox"]["AP"] == pytest.approx(_pycocotools(coco, results, "bbox", 100)[0], abs=1e-6)
+    assert res["segm"]["AP"] != pytest.approx(_pycocotools(coco, results, "segm", 100)[0], abs=1e-3)
+    # predictions written per task: boxes at the top, masks under segm/
+    assert os.path.isfile(tmp_path / "coco_instances_results.json")
+    assert os.path.isfile(tmp_path / "segm" / "coco_instances_results.json")

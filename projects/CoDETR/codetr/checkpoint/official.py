@@ -3,7 +3,8 @@
 An official checkpoint is a dict ``{"state_dict": {...}, "meta": {...}}`` (sometimes with ``optimizer``) written by
 mmcv's runner, holding the parameters and buffers of the official ``CoDETR`` model: ``backbone.*`` (torchvision
 ResNet, Swin or the EVA-02-style ViT), ``neck.*`` (ChannelMapper or SFP), ``query_head.*`` (CoDINOHead and its
-transformer), ``rpn_head.*``, ``roi_head.0.*``, ``bbox_head.0.*`` (ATSS).
+transformer), ``rpn_head.*``, ``roi_head.0.*``, ``bbox_head.0.*`` (ATSS), and for Co-DINO-Inst ``mask_head.*``
+(SimpleRefineMaskHead) and ``mask_iou_head.*`` (MaskIoUHead).
 
 The conversion is a list of renaming rules plus an explicit list of keys that carry no learnable state and are
 dropped (each with its reason, and reported): RoPE frequency tables (recomputed), BatchNorm ``num_batches_tracked``
@@ -70,6 +71,15 @@ _VIT_RULES: List[Rule] = [
 _HEAD_RULES: List[Rule] = [
     # the extra stride-2 map of the auxiliary heads (conv + GN) belongs to our collaborative branch
     (r"^query_head\.downsample\.(\d+\.\w+)$", r"collaborative.downsample.\1"),
+]
+
+
+# Co-DINO-Inst mask branch: official mask_head.* / mask_iou_head.* -> our mask_branch.*; mmcv ConvModules
+# ("<name>.conv.*" + LN2d as "<name>.norm_layer.*") become detectron2 Conv2d ("<name>.*", "<name>.norm.*")
+_MASK_RULES: List[Rule] = [
+    (r"^(mask_head|mask_iou_head)\.(.+)\.conv\.(weight|bias)$", r"mask_branch.\1.\2.\3"),
+    (r"^(mask_head|mask_iou_head)\.(.+)\.norm_layer\.(weight|bias)$", r"mask_branch.\1.\2.norm.\3"),
+    (r"^(mask_head|mask_iou_head)\.(.+)$", r"mask_branch.\1.\2"),
 ]
 
 
@@ -152,6 +162,8 @@ def official_to_ours_key(key: str, backbone: str, num_roi_heads: int = 1) -> Tup
         new = _apply(_HEAD_RULES, key)
     if new is None:
         new = _apply(_aux_rules(num_roi_heads), key)
+    if new is None:
+        new = _apply(_MASK_RULES, key)
     return (new if new is not None else key), None
 
 

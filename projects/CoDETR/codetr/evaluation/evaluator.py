@@ -6,11 +6,16 @@ Co-DINO keeps its top 300 boxes per image (1000 for the ViT-L configs), but dete
 numbers use up to 1000 detections per image where ``LVISEvaluator`` defaults to 300. One value,
 ``max_dets_per_image``, sets both; configs tie it to the model's top-k. ``tasks`` (from the config: ("bbox",)
 for detectors, ("bbox", "segm") for instance models) is what the evaluator scores; the same detection limit
-applies to every task.
+applies to every task. Each task gets its own evaluator (boxes ranked by ``scores``, masks by ``mask_scores``
+when the model gives them, as the official Co-DINO-Inst evaluation); with an ``output_dir`` the predictions of
+the second task go to ``<output_dir>/<task>/``.
 """
+import os
+
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, LVISEvaluator
+from detectron2.structures import Instances
 
 from ..data.checks import check_dataset_registered
 
@@ -27,26 +32,39 @@ def lvis_numpy_compat() -> None:
 _TASKS = ("bbox", "segm")
 
 
-class _RequireMasks:
-    """Mixin: with the "segm" task, every output must carry ``pred_masks`` (pycocotools would otherwise turn
-    the boxes into box-shaped masks and report a box AP as mask AP)."""
+class _OneTask:
+    """Mixin for an evaluator of one task. "segm": every output must carry ``pred_masks`` (pycocotools would
+    otherwise turn the boxes into box-shaped masks and report a box AP as mask AP), and ``mask_scores``, when
+    the model gives them (Co-DINO-Inst: predicted mask IoU x box score), rank the masks. "bbox": masks are
+    dropped before the (costly) RLE encoding."""
 
     def process(self, inputs, outputs):
-        if "segm" in self._tasks:
-            for inp, out in zip(inputs, outputs):
-                if "instances" in out and not out["instances"].has("pred_masks"):
-                    raise ValueError(
-                        f"evaluation task 'segm' needs pred_masks, but the model's output for image "
-                        f"{inp.get('image_id')!r} has none: an instance model, or tasks=('bbox',)"
-                    )
-        super().process(inputs, outputs)
+        (task,) = self._tasks
+        outs = []
+        for inp, out in zip(inputs, outputs):
+            if "instances" in out:
+                inst = out["instances"]
+                inst = Instances(inst.image_size, **inst.get_fields())
+                if task == "segm":
+                    if not inst.has("pred_masks"):
+                        raise ValueError(
+                            f"evaluation task 'segm' needs pred_masks, but the model's output for image "
+                            f"{inp.get('image_id')!r} has none: an instance model, or tasks=('bbox',)"
+                        )
+                    if inst.has("mask_scores"):
+                        inst.scores = inst.mask_scores
+                elif inst.has("pred_masks"):
+                    inst.remove("pred_masks")
+                out = dict(out, instances=inst)
+            outs.append(out)
+        super().process(inputs, outs)
 
 
-class _COCOEvaluator(_RequireMasks, COCOEvaluator):
+class _COCOEvaluator(_OneTask, COCOEvaluator):
     pass
 
 
-class _LVISEvaluator(_RequireMasks, LVISEvaluator):
+class _LVISEvaluator(_OneTask, LVISEvaluator):
     pass
 
 
@@ -61,7 +79,8 @@ def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, 
             1000 for the official LVIS protocol.
         output_dir: where the evaluator writes predictions (optional).
         distributed: gather predictions from all processes before evaluating.
-        tasks: "bbox" (needs ``pred_boxes``) and/or "segm" (needs ``pred_masks``) of the model's outputs.
+        tasks: "bbox" (needs ``pred_boxes``) and/or "segm" (needs ``pred_masks``; ranked by ``mask_scores``
+            when present) of the model's outputs.
     """
     check_dataset_registered(dataset_name)
     if isinstance(max_dets_per_image, bool) or not isinstance(max_dets_per_image, int) or max_dets_per_image < 1:
@@ -80,13 +99,17 @@ def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, 
         # COCO-json loaders set the class-id mapping when the dataset is first loaded; without it the
         # evaluator would write contiguous ids as category ids and silently score 0 AP
         DatasetCatalog.get(dataset_name)
-    if evaluator_type == "lvis":
-        lvis_numpy_compat()
-        return _LVISEvaluator(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir,
-                             max_dets_per_image=max_dets_per_image)
-    if evaluator_type == "coco":
-        return _COCOEvaluator(dataset_name, tasks=tasks, distributed=distributed, output_dir=output_dir,
-                             max_dets_per_image=max_dets_per_image)
+    if evaluator_type in ("coco", "lvis"):
+        if evaluator_type == "lvis":
+            lvis_numpy_compat()
+        cls = _LVISEvaluator if evaluator_type == "lvis" else _COCOEvaluator
+        # one evaluator per task: boxes ranked by box scores, masks by mask scores (when the model has them)
+        evaluators = [
+            cls(dataset_name, tasks=(task,), distributed=distributed, max_dets_per_image=max_dets_per_image,
+                output_dir=output_dir if task == tasks[0] or output_dir is None else os.path.join(output_dir, task))
+            for task in tasks
+        ]
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
     raise ValueError(
         f"dataset {dataset_name!r} has evaluator_type={evaluator_type!r}; only 'coco' and 'lvis' "
         "evaluation are supported here"

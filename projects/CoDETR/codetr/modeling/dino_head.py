@@ -137,6 +137,7 @@ class DINOHead(nn.Module):
         masks: torch.Tensor,
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
         image_sizes: Optional[torch.Tensor] = None,
+        return_enc_ctx: bool = False,
     ):
         """
         Args:
@@ -145,13 +146,18 @@ class DINOHead(nn.Module):
             targets: training only: per image ``labels`` (n,) int64, ``boxes`` (n, 4) cxcywh normalised
                 by ``image_sizes``, optional ``name``.
             image_sizes: (B, 2) (h, w) used for normalisation; stored in ``enc_ctx``.
+            return_enc_ctx: eval only: also return ``enc_ctx`` (for a mask branch reading the encoder maps).
 
         Returns:
             training: (losses dict, enc_ctx dict). enc_ctx: ``memory`` (B, S, C), ``spatial_shapes`` (L, 2),
             ``level_start_index`` (L,), ``valid_ratios`` (B, L, 2), ``mask_flatten`` (B, S),
             ``image_sizes`` (B, 2) (h, w); with ``num_co_heads > 0`` also ``memory_values`` (the decoder's
-            per-layer value projections of ``memory``, reused by :meth:`positive_query_losses`).
-            eval: (logits (B, K, num_classes), boxes (B, K, 4) normalised cxcywh) of the last layer.
+            per-layer value projections of ``memory``, reused by :meth:`positive_query_losses`), and
+            ``last_logits`` (B, P + K, num_classes) / ``last_boxes`` (B, P + K, 4) normalised cxcywh: the last
+            decoder layer's predictions for the P denoising and K matching queries, detached (the training RoIs
+            of a mask branch, as the official Co-DINO-Inst).
+            eval: (logits (B, K, num_classes), boxes (B, K, 4) normalised cxcywh) of the last layer
+            (+ ``enc_ctx`` with ``return_enc_ctx``).
         """
         enc_ctx = self.encode(features, masks, image_sizes)
         query, reference, enc_logits, enc_boxes = self.transformer.select_queries(enc_ctx, self.cls_branches[-1], self.reg_branches[-1])
@@ -160,7 +166,7 @@ class DINOHead(nn.Module):
             last = hidden.shape[0] - 1
             logits = self.cls_branches[last](hidden[last])
             boxes = (self.reg_branches[last](hidden[last]) + inverse_sigmoid(refs[last], eps=1e-3)).sigmoid()
-            return logits, boxes
+            return (logits, boxes, enc_ctx) if return_enc_ctx else (logits, boxes)
         if targets is None:
             raise ValueError("DINOHead needs targets in training mode")
         validate_targets(targets, self.num_classes)
@@ -174,6 +180,7 @@ class DINOHead(nn.Module):
         reference = torch.cat([dn_ref.sigmoid().to(reference.dtype), reference], 1)
         hidden, refs = self.decode(enc_ctx, query, reference, attn_mask if P > 0 else None)
         logits, boxes = self.predict(hidden, refs)
+        enc_ctx["last_logits"], enc_ctx["last_boxes"] = logits[-1].detach(), boxes[-1].detach()
         if P == 0:
             # keep the label embedding in the graph (DDP with find_unused_parameters=False)
             logits = logits + self.label_embedding.weight[0, 0] * 0.0

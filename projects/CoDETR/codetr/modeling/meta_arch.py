@@ -43,6 +43,10 @@ class CoDETR(nn.Module):
         collaborative: optional module of the auxiliary heads, called in training as
             ``collaborative(enc_ctx, images, gt_instances, query_head) -> dict of losses``.
             With ``None`` the model is exactly DINO.
+        mask_branch: optional instance-mask branch (:class:`~codetr.modeling.mask_head.InstanceMaskBranch`,
+            Co-DINO-Inst) on the encoder maps: in training its losses use the query head's last-layer
+            predictions as RoIs and ``gt_masks``; in eval it adds ``pred_masks`` (and ``mask_scores``) to the
+            detections, pasted at each input's "height"/"width".
         eval_module: which head makes the detections in eval mode: "detr" (the one-to-one query head, default),
             or "atss" / "rcnn" (an auxiliary head of ``collaborative``, to debug it; official 'one-stage' /
             'two-stage' eval modes).
@@ -64,6 +68,7 @@ class CoDETR(nn.Module):
         collaborative: Optional[nn.Module] = None,
         eval_module: str = "detr",
         postprocessor: Optional[nn.Module] = None,
+        mask_branch: Optional[nn.Module] = None,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -73,6 +78,9 @@ class CoDETR(nn.Module):
         self.query_head = query_head
         self.postprocessor = postprocessor if postprocessor is not None else DETRPostProcessor()
         self.collaborative = collaborative
+        self.mask_branch = mask_branch
+        if mask_branch is not None and eval_module != "detr":
+            raise ValueError("the mask branch runs on the query head's detections: eval_module must be 'detr'")
         if eval_module not in ("detr", "atss", "rcnn"):
             raise ValueError(f"eval_module must be 'detr', 'atss' or 'rcnn', got {eval_module!r}")
         if eval_module != "detr" and collaborative is None:
@@ -162,19 +170,31 @@ class CoDETR(nn.Module):
             losses, enc_ctx = self.query_head(features, masks, targets, norm_sizes)
             if self.collaborative is not None:
                 losses.update(self.collaborative(enc_ctx, images, gt_instances, self.query_head))
+            if self.mask_branch is not None:
+                losses.update(self.mask_branch.losses(
+                    self.query_head.encoder_maps(enc_ctx), enc_ctx["last_logits"], enc_ctx["last_boxes"], norm_sizes,
+                    gt_instances))
             return losses
         if self.eval_module != "detr":  # an auxiliary head's detections (collaborative.py)
             dets = self.collaborative.inference(self.query_head, features, masks, images, norm_sizes, self.eval_module)
+        elif self.mask_branch is not None:
+            logits, boxes, enc_ctx = self.query_head(features, masks, None, norm_sizes, return_enc_ctx=True)
+            dets = self.postprocessor(logits, boxes, norm_sizes)
         else:
             logits, boxes = self.query_head(features, masks, None, norm_sizes)
             dets = self.postprocessor(logits, boxes, norm_sizes)
-        results = []
-        for x, det, image_size in zip(batched_inputs, dets, images.image_sizes):
+        instances = []
+        for det, image_size in zip(dets, images.image_sizes):
             inst = Instances(image_size)
             inst.pred_boxes = Boxes(det["boxes"])
             inst.pred_boxes.clip(image_size)
             inst.scores = det["scores"]
             inst.pred_classes = det["labels"]
+            instances.append(inst)
+        if self.mask_branch is not None:
+            instances = self.mask_branch.inference(self.query_head.encoder_maps(enc_ctx), instances)
+        results = []
+        for x, inst, image_size in zip(batched_inputs, instances, images.image_sizes):
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
             results.append({"instances": detector_postprocess(inst, height, width)})
