@@ -6,7 +6,7 @@
 # size: the same heads (RefineMask-style stages 14/28/56/112, mask-IoU head) and losses at 128 channels on the
 # encoder maps of strides 8..64 (semantic map: stride 8), 300 query-head RoIs per image with 64 sampled (25%
 # positives). The synthetic annotations carry exact RLE masks (instance_mask_format="bitmask"); evaluation scores
-# bbox and segm. See README "Instance segmentation" for the measured time and AP.
+# bbox and segm. Its training time and AP have not been measured yet (README "Instance segmentation").
 from detectron2.config import LazyCall as L
 
 from codetr.modeling.mask_head import InstanceMaskBranch, MaskIoUHead, RefineMaskHead

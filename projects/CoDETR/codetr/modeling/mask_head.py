@@ -336,8 +336,8 @@ def mask_iou_targets(mask_logits: torch.Tensor, mask_targets: torch.Tensor, boxe
         integral = F.pad(gt_masks.float().cumsum(1).cumsum(2), (1, 0, 1, 0))  # (G, H+1, W+1)
         b = boxes.floor().long()  # official: astype(int32) of non-negative boxes
         x1, y1 = b[:, 0].clamp(0, W), b[:, 1].clamp(0, H)
-        x2 = torch.minimum(x1 + (b[:, 2].clamp(0, W) - x1).clamp(min=1), torch.tensor(W, device=b.device))
-        y2 = torch.minimum(y1 + (b[:, 3].clamp(0, H) - y1).clamp(min=1), torch.tensor(H, device=b.device))
+        x2 = (x1 + (b[:, 2].clamp(0, W) - x1).clamp(min=1)).clamp(max=W)
+        y2 = (y1 + (b[:, 3].clamp(0, H) - y1).clamp(min=1)).clamp(max=H)
         I = integral[gt_idx]
         r = torch.arange(len(gt_idx), device=b.device)
         inside = I[r, y2, x2] - I[r, y1, x2] - I[r, y2, x1] + I[r, y1, x1]
@@ -445,21 +445,21 @@ class InstanceMaskBranch(nn.Module):
         maps = self._maps(features)
         boxes = [d.pred_boxes for d in detections]
         counts = [len(b) for b in boxes]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        total = sum(counts)
         flat = Boxes(cat([b.tensor for b in boxes]))
         labels = cat([d.pred_classes for d in detections])
-        image_of = torch.repeat_interleave(torch.arange(len(boxes), device=labels.device),
-                                           torch.as_tensor(counts, device=labels.device))
         masks, ious = [], []
-        for s in range(0, len(flat), self.test_chunk):
-            sl = slice(s, s + self.test_chunk)
-            # a chunk as per-image box lists (images with no box in the chunk get empty ones)
-            per_image = [flat[sl][image_of[sl] == b] for b in range(len(boxes))]
+        for s in range(0, total, self.test_chunk):
+            e = min(s + self.test_chunk, total)
+            # the chunk as per-image box lists (images with no box in it get empty ones); host-side indices only
+            per_image = [b[min(max(s - st, 0), n): min(max(e - st, 0), n)] for b, st, n in zip(boxes, starts, counts)]
             roi_feats = self.pooler(maps, per_image)
-            preds = self.mask_head(roi_feats, maps[0], per_image, labels[sl])
+            preds = self.mask_head(roi_feats, maps[0], per_image, labels[s:e])
             masks.append(refine_mask_inference(preds).sigmoid())
             if self.mask_iou_head is not None:
                 iou = self.mask_iou_head(roi_feats, preds[1][:, 0])
-                ious.append(iou[torch.arange(iou.shape[0], device=iou.device), labels[sl]])
+                ious.append(iou[torch.arange(iou.shape[0], device=iou.device), labels[s:e]])
         size = self.mask_head.stage_sizes[-1]
         masks = cat(masks) if masks else flat.tensor.new_zeros((0, 1, size, size))
         for d, m in zip(detections, masks.split(counts)):
