@@ -362,7 +362,8 @@ class InstanceMaskBranch(nn.Module):
         iou_threshold: RoI / ground-truth IoU for a positive (0.5).
         batch_size_per_image, positive_fraction: RoI sampling (512, 0.25); ground-truth boxes are added as RoIs.
         test_chunk: RoIs per mask-head call at test time (memory bound; official 150).
-        mask_threshold: binarisation of the pasted masks and of the IoU targets (0.5).
+        mask_threshold: binarisation of the predicted masks for the IoU targets (official mask_thr_binary 0.5);
+            at test the masks are pasted and binarised at 0.5 by detectron2's ``detector_postprocess``.
     """
 
     def __init__(self, *, mask_head: nn.Module, mask_iou_head=None, strides=(4, 8, 16, 32, 64), roi_size: int = 14,
@@ -411,7 +412,7 @@ class InstanceMaskBranch(nn.Module):
         """
         maps = self._maps(features)
         props = self.proposals(logits.detach(), boxes.detach(), norm_sizes)
-        pos_boxes, gt_idx, labels, targets, full_masks = [], [], [], [[] for _ in self.mask_head.stage_sizes], []
+        pos_boxes, labels, targets, full_masks = [], [], [[] for _ in self.mask_head.stage_sizes], []
         for p, gt in zip(props, gt_instances):
             if not gt.has("gt_masks"):
                 raise ValueError("the instance model needs gt_masks (the mapper's use_instance_mask=True)")
@@ -431,7 +432,7 @@ class InstanceMaskBranch(nn.Module):
         if self.mask_iou_head is not None:
             iou_pred = self.mask_iou_head(roi_feats, preds[1][:, 0])
             iou_pred = iou_pred[torch.arange(len(labels), device=labels.device), labels]
-            iou_t = [mask_iou_targets(p[:, 0], t, b.tensor, m, i) for p, t, b, (m, i) in
+            iou_t = [mask_iou_targets(p[:, 0], t, b.tensor, m, i, self.mask_threshold) for p, t, b, (m, i) in
                      zip(preds[1].split([len(b) for b in pos_boxes]), targets[1].split([len(b) for b in pos_boxes]),
                          pos_boxes, full_masks)]
             out["loss_mask_iou"] = self.mask_iou_head.losses(iou_pred, cat(iou_t))
