@@ -12,7 +12,8 @@ Examples::
 Boxes are drawn with Detectron2's Visualizer, labelled with the dataset's class names
 (``dataloader.test.dataset.names`` of the config) and scores; detections below ``--score-threshold`` are
 hidden (DETR-style models always return their top-k boxes, most of them with low scores). The test-time
-resize of the config (``dataloader.test.mapper.augmentations``) is applied to every image.
+resize of the config (``dataloader.test.mapper.augmentations``) is applied to every image: the script runs
+``codetr.Predictor``.
 """
 import argparse
 import glob
@@ -21,7 +22,6 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import torch
 
 try:
@@ -29,41 +29,19 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "CoDETR"))
 
-import detectron2.data.transforms as T
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from codetr.checkpoint import CoDETRCheckpointer
+from codetr import Predictor
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-class Predictor:
-    """Config + checkpoint -> ``predict(bgr_image) -> Instances`` on the CPU or a GPU."""
-
-    def __init__(self, cfg, checkpoint: str, device: str):
-        self.model = instantiate(cfg.model).to(device).eval()
-        CoDETRCheckpointer(self.model).load(checkpoint)
-        self.input_format = getattr(self.model, "input_format", "BGR")
-        augs = cfg.dataloader.test.mapper.get("augmentations", None) if "test" in cfg.dataloader else None
-        self.augs = T.AugmentationList(list(instantiate(augs)) if augs is not None else [])
-
-    @torch.no_grad()
-    def predict(self, bgr: np.ndarray):
-        h, w = bgr.shape[:2]
-        image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
-        aug_input = T.AugInput(np.ascontiguousarray(image))
-        self.augs(aug_input)
-        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        return self.model([{"image": tensor, "height": h, "width": w}])[0]["instances"].to("cpu")
-
-
-def draw(bgr, instances, metadata, score_threshold):
-    keep = instances[instances.scores >= score_threshold]
+def draw(bgr, instances, metadata):
     vis = Visualizer(bgr[:, :, ::-1], metadata=metadata, instance_mode=ColorMode.IMAGE)
-    return vis.draw_instance_predictions(keep).get_image()[:, :, ::-1], len(keep)
+    return vis.draw_instance_predictions(instances).get_image()[:, :, ::-1], len(instances)
 
 
 def list_inputs(inputs):
@@ -112,7 +90,8 @@ def main(argv=None):
     if not os.path.isfile(args.checkpoint) and "://" not in args.checkpoint:
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    predictor = Predictor(cfg, args.checkpoint, args.device)
+    # cv2 reads BGR; the Predictor converts to the model's channel order and applies the config's test resize
+    predictor = Predictor(cfg, args.checkpoint, args.device, input_format="BGR", score_threshold=args.score_threshold)
     names = cfg.dataloader.test.dataset.names if "test" in cfg.dataloader else None
     metadata = MetadataCatalog.get(names if isinstance(names, str) else names[0]) if names else None
 
@@ -123,8 +102,7 @@ def main(argv=None):
             if img is None:
                 raise ValueError(f"cannot read image {path!r}")
             start = time.perf_counter()
-            inst = predictor.predict(img)
-            vis, n = draw(img, inst, metadata, args.score_threshold)
+            vis, n = draw(img, predictor(img), metadata)
             out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".jpg")
             cv2.imwrite(out, vis)
             logger.info(f"{path}: {n} detections >= {args.score_threshold} in {time.perf_counter() - start:.2f}s -> {out}")
@@ -143,7 +121,7 @@ def main(argv=None):
         ok, frame = video.read()
         if not ok:
             break
-        vis, _ = draw(frame, predictor.predict(frame), metadata, args.score_threshold)
+        vis, _ = draw(frame, predictor(frame), metadata)
         if writer is None:
             writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (vis.shape[1], vis.shape[0]))
         writer.write(vis)

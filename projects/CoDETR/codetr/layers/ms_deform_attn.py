@@ -7,18 +7,27 @@ fallback when the extension is unavailable and for export.
 import math
 import warnings
 import weakref
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_pytorch",
+    "level_shapes",
     "check_ms_deform_attn_inputs",
     "MultiScaleDeformableAttention",
 ]
+
+
+def level_shapes(spatial_shapes: Union[torch.Tensor, Sequence[Sequence[int]]]) -> List[Tuple[int, int]]:
+    """(L, 2) int64 tensor or sequence of (h, w) -> list of (h, w) Python ints (SymInts under torch.export
+    with dynamic shapes). Reading a tensor's values is a host copy; pass the list where it is known."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
 
 
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -28,7 +37,8 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
 
     Args:
         value: (N, S, H, C), S = sum over levels of h_l * w_l.
-        spatial_shapes: (L, 2) int64, rows (h_l, w_l).
+        spatial_shapes: (L, 2) int64, rows (h_l, w_l); or the same as a list of L (h_l, w_l) Python ints,
+            which keeps the function traceable (torch.export / ONNX: no read of tensor values).
         level_start_index: (L,) int64, offset of each level in S (unused here, kept for the contract).
         sampling_locations: (N, Lq, H, L, P, 2), normalised (x, y); outside [0, 1] reads zeros.
         attention_weights: (N, Lq, H, L, P).
@@ -38,13 +48,13 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     """
     N, S, H, C = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_list = value.split(sizes, dim=1)
+    shapes = level_shapes(spatial_shapes)
+    value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         # (N, h*w, H, C) -> (N*H, C, h, w)
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * H, C, int(h), int(w))
+        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * H, C, h, w)
         # (N, Lq, H, P, 2) -> (N*H, Lq, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
@@ -144,6 +154,8 @@ def check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampli
         raise ValueError(
             f"ms_deform_attn: attention_weights must have shape (N, Lq, H, L, P) = {(N, Lq, H, L, P)}, got {_shape(attention_weights)}"
         )
+    if _tracing():
+        return  # shapes are checked above; the values cannot be read without a graph break
     if _index_values_checked(spatial_shapes, level_start_index, S):
         return
     # One host copy for both index tensors (a sync on CUDA; they are tiny).
@@ -196,23 +208,70 @@ def _remember_index_values(spatial_shapes, level_start_index, S):
     _last_checked = None if key is None else (weakref.ref(spatial_shapes), weakref.ref(level_start_index), key)
 
 
-class _MSDeformAttnFunction(torch.autograd.Function):
-    """Autograd wrapper of the ``codetr._C`` kernels (inputs contiguous, validated, of a kernel dtype)."""
+# ---------------------------------------------------------------------------------------------------------
+# The kernels as PyTorch custom ops (torch.library): ``torch.ops.codetr.ms_deform_attn`` and its backward.
+# Each has a fake (meta) kernel computing the output shape, and the forward has its autograd formula
+# registered, so that torch.compile traces through the op without a graph break (also with fullgraph=True,
+# forward and backward), torch.export keeps it as one node, and CUDA graphs can capture it.
+# The ops take validated, contiguous inputs of a kernel dtype; ms_deform_attn() below prepares them.
 
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _C.ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = _C.ms_deform_attn_backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            grad_output.to(value.dtype).contiguous(),
-        )
-        return grad_value, None, None, grad_loc, grad_attn
+@torch.library.custom_op("codetr::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    return _C.ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    N, _, H, C = value.shape
+    return value.new_empty((N, sampling_locations.shape[1], H * C))
+
+
+@torch.library.custom_op("codetr::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    grad_output: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_value, grad_loc, grad_attn = _C.ms_deform_attn_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+    return grad_value, grad_loc, grad_attn
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_loc, grad_attn = _ms_deform_attn_backward_op(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        grad_output.to(value.dtype).contiguous(),
+    )
+    return grad_value, None, None, grad_loc, grad_attn
+
+
+_ms_deform_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _tracing() -> bool:
+    """True under torch.compile / torch.export (where host reads of tensor values would break the graph)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -224,7 +283,9 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     Inputs are validated first (TypeError/ValueError naming the argument). On the CPU, float16/bfloat16
     inputs are computed in float32 and the result cast back. Falls back to the pure-PyTorch path, with
     one warning, when the extension is not built or was built without CUDA and the input is on a GPU;
-    also when tracing/exporting.
+    also under ``torch.jit`` tracing/scripting. Under torch.compile and torch.export the kernels run as the
+    custom op ``torch.ops.codetr.ms_deform_attn`` (no graph break; the host check of the index values is
+    skipped there, the shape checks are not).
 
     Returns:
         (N, Lq, H * C), the dtype of value.
@@ -245,7 +306,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     else:
         _warn_fallback(f"codetr._C has no kernel for device {value.device}")
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    out = _MSDeformAttnFunction.apply(
+    out = _ms_deform_attn_op(
         value.to(compute_dtype).contiguous(),
         spatial_shapes.contiguous(),
         level_start_index.contiguous(),
@@ -264,7 +325,13 @@ class MultiScaleDeformableAttention(nn.Module):
     Parameter names (sampling_offsets, attention_weights, value_proj, output_proj) follow the
     official implementation so that released checkpoints map one to one. The module returns the
     attention output only; residual and dropout belong to the caller.
+
+    ``impl`` (attribute, default "auto") chooses the attention computation: "auto" is :func:`ms_deform_attn`
+    (compiled kernels as a custom op, with the pure-PyTorch fallback); "pytorch" is
+    :func:`ms_deform_attn_pytorch` (``grid_sample``; what ONNX export emits as standard ops).
     """
+
+    IMPLS = ("auto", "pytorch")
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4, num_points: int = 4):
         super().__init__()
@@ -274,6 +341,7 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
+        self.impl = "auto"
         self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
@@ -319,7 +387,8 @@ class MultiScaleDeformableAttention(nn.Module):
         return value
 
     def forward(
-        self, query, reference_points, value, spatial_shapes, level_start_index, value_padding_mask=None, value_projected=False
+        self, query, reference_points, value, spatial_shapes, level_start_index, value_padding_mask=None, value_projected=False,
+        level_shapes=None,
     ):
         """
         Args:
@@ -331,6 +400,8 @@ class MultiScaleDeformableAttention(nn.Module):
             value_padding_mask: optional (N, S) bool, True at padded positions (their values are zeroed).
             value_projected: ``value`` is already :meth:`project_value`'s output (``value_padding_mask`` is
                 then ignored: the padding was zeroed there).
+            level_shapes: optional list of the L (h, w) of ``spatial_shapes`` as Python ints; the "pytorch"
+                implementation then reads no tensor values (traceable by torch.export / the ONNX exporter).
 
         Returns:
             (N, Lq, C)
@@ -358,5 +429,12 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(
                 f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape {tuple(reference_points.shape)}"
             )
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations.to(value.dtype), weights.to(value.dtype))
+        locations, weights = locations.to(value.dtype), weights.to(value.dtype)
+        if self.impl == "auto":
+            out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        elif self.impl == "pytorch":
+            shapes = spatial_shapes if level_shapes is None else level_shapes
+            out = ms_deform_attn_pytorch(value, shapes, level_start_index, locations, weights)
+        else:
+            raise ValueError(f"MultiScaleDeformableAttention.impl must be one of {self.IMPLS}, got {self.impl!r}")
         return self.output_proj(out)

@@ -128,6 +128,7 @@ class DINOHead(nn.Module):
             self.reg_branches,
             attn_mask,
             memory_values=enc_ctx.get("memory_values"),
+            level_shapes=enc_ctx.get("level_shapes"),
         )
 
     # ------------------------------------------------------------------ forward

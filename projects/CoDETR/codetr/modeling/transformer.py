@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from codetr.layers import MultiScaleDeformableAttention
+from codetr.layers.ms_deform_attn import level_shapes as as_level_shapes
 
 from .denoising import inverse_sigmoid
 from .position_encoding import PositionEmbeddingSine, box_sine_embed
@@ -49,9 +50,13 @@ class DeformableEncoderLayer(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)])
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, query, query_pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        """query, query_pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, C)."""
-        attn = self.attentions[0](query + query_pos, reference_points, query, spatial_shapes, level_start_index, padding_mask)
+    def forward(self, query, query_pos, reference_points, spatial_shapes, level_start_index, padding_mask, level_shapes=None):
+        """query, query_pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S) -> (B, S, C).
+        ``level_shapes``: optional list of the (h, w) of ``spatial_shapes`` as Python ints (see
+        :class:`MultiScaleDeformableAttention`)."""
+        attn = self.attentions[0](
+            query + query_pos, reference_points, query, spatial_shapes, level_start_index, padding_mask, level_shapes=level_shapes
+        )
         query = self.norms[0](query + self.dropout(attn))
         return self.norms[1](self.ffns[0](query))
 
@@ -67,14 +72,15 @@ class DeformableEncoder(nn.Module):
         self.num_checkpoint = num_checkpoint
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
-        """Pixel centres of every level, normalised by the valid extent: (B, S, L, 2) as (x, y)."""
+    def reference_points(spatial_shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
+        """Pixel centres of every level, normalised by the valid extent: (B, S, L, 2) as (x, y).
+        ``spatial_shapes``: (L, 2) int64 or a list of L (h, w) Python ints."""
         refs = []
         device = valid_ratios.device
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(as_level_shapes(spatial_shapes)):
             ys, xs = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,  # (not linspace: traceable with symbolic h, w)
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ys = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -83,16 +89,17 @@ class DeformableEncoder(nn.Module):
         refs = torch.cat(refs, 1)
         return refs[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, query, query_pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        """query, query_pos: (B, S, C) -> memory (B, S, C)."""
-        ref = self.reference_points(spatial_shapes, valid_ratios).to(query.dtype)
+    def forward(self, query, query_pos, spatial_shapes, level_start_index, valid_ratios, padding_mask, level_shapes=None):
+        """query, query_pos: (B, S, C) -> memory (B, S, C). ``level_shapes``: optional list of the (h, w) of
+        ``spatial_shapes`` as Python ints (then no tensor value is read on the host)."""
+        ref = self.reference_points(spatial_shapes if level_shapes is None else level_shapes, valid_ratios).to(query.dtype)
         for i, layer in enumerate(self.layers):
             if i < self.num_checkpoint and self.training and torch.is_grad_enabled():
                 query = checkpoint(
-                    layer, query, query_pos, ref, spatial_shapes, level_start_index, padding_mask, use_reentrant=False
+                    layer, query, query_pos, ref, spatial_shapes, level_start_index, padding_mask, level_shapes, use_reentrant=False
                 )
             else:
-                query = layer(query, query_pos, ref, spatial_shapes, level_start_index, padding_mask)
+                query = layer(query, query_pos, ref, spatial_shapes, level_start_index, padding_mask, level_shapes)
         return query
 
 
@@ -124,7 +131,7 @@ class DINODecoderLayer(nn.Module):
 
     def forward(
         self, query, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask, attn_mask=None,
-        memory_value=None,
+        memory_value=None, level_shapes=None,
     ):
         """
         query, query_pos: (B, N, C); reference_points: (B, N, L, 4); memory: (B, S, C) -> (B, N, C).
@@ -134,9 +141,14 @@ class DINODecoderLayer(nn.Module):
         query = self.norms[0](self.attentions[0](query, query_pos, attn_mask))
         cross = self.attentions[1]
         if memory_value is None:
-            attn = cross(query + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask)
+            attn = cross(
+                query + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask, level_shapes=level_shapes
+            )
         else:
-            attn = cross(query + query_pos, reference_points, memory_value, spatial_shapes, level_start_index, value_projected=True)
+            attn = cross(
+                query + query_pos, reference_points, memory_value, spatial_shapes, level_start_index, value_projected=True,
+                level_shapes=level_shapes,
+            )
         query = self.norms[1](query + self.dropout(attn))
         return self.norms[2](self.ffns[0](query))
 
@@ -170,7 +182,7 @@ class DINODecoder(nn.Module):
 
     def forward(
         self, query, reference, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask, reg_branches, attn_mask=None,
-        memory_values: Optional[List[torch.Tensor]] = None,
+        memory_values: Optional[List[torch.Tensor]] = None, level_shapes=None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """
         Args:
@@ -179,6 +191,7 @@ class DINODecoder(nn.Module):
             reg_branches: one regression MLP per layer.
             attn_mask: optional (N, N) bool self-attention mask (True = blocked).
             memory_values: optional :meth:`project_memory` output for this ``memory`` and ``padding_mask``.
+            level_shapes: optional list of the (h, w) of ``spatial_shapes`` as Python ints.
 
         Returns:
             hidden: (num_layers, B, N, C), the final-LayerNorm'ed output of every layer;
@@ -193,7 +206,9 @@ class DINODecoder(nn.Module):
             ref_input = reference[:, :, None] * ratios
             query_pos = self.ref_point_head(box_sine_embed(ref_input[:, :, 0], self.embed_dim // 2, 10000.0, "yxwh"))
             value = None if memory_values is None else memory_values[lid]
-            query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask, value)
+            query = layer(
+                query, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask, attn_mask, value, level_shapes
+            )
             new_ref = (reg_branches[lid](query) + inverse_sigmoid(reference, eps=1e-3)).sigmoid()
             reference = new_ref.detach()
             hidden.append(self.norm(query))
@@ -201,10 +216,10 @@ class DINODecoder(nn.Module):
         return torch.stack(hidden), refs
 
 
-def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor):
+def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes):
     """
     Two-stage proposals: one box per token at its cell centre (normalised by the valid extent)
-    with w = h = 0.05 * 2^level.
+    with w = h = 0.05 * 2^level. ``spatial_shapes``: (L, 2) int64 or a list of L (h, w) Python ints.
 
     Returns:
         output_memory: (B, S, C), memory zeroed at padded or invalid tokens;
@@ -213,13 +228,13 @@ def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, s
     """
     B = memory.shape[0]
     proposals, start = [], 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(as_level_shapes(spatial_shapes)):
         m = padding_mask[:, start : start + h * w].view(B, h, w)
         valid_h = (~m[:, :, 0]).sum(1).to(torch.float32)
         valid_w = (~m[:, 0, :]).sum(1).to(torch.float32)
         gy, gx = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            torch.arange(h, dtype=torch.float32, device=memory.device),
+            torch.arange(w, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([gx, gy], -1)[None]
@@ -305,13 +320,14 @@ class DINOTransformer(nn.Module):
 
         Returns:
             dict with ``memory`` (B, S, C), ``spatial_shapes`` (L, 2), ``level_start_index`` (L,),
-            ``valid_ratios`` (B, L, 2), ``mask_flatten`` (B, S).
+            ``valid_ratios`` (B, L, 2), ``mask_flatten`` (B, S), and ``level_shapes``: the rows of
+            ``spatial_shapes`` as a list of Python ints (what traceable code reads instead of the tensor).
         """
         if len(features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature levels, got {len(features)}")
         srcs, poss, flat_masks, shapes = [], [], [], []
         for lvl, (feat, mask) in enumerate(zip(features, masks)):
-            shapes.append(feat.shape[-2:])
+            shapes.append((feat.shape[-2], feat.shape[-1]))
             pos = self.position_embedding(mask).to(feat.dtype)
             srcs.append(feat.flatten(2).transpose(1, 2))
             poss.append(pos.flatten(2).transpose(1, 2) + self.level_embeds[lvl].view(1, 1, -1).to(feat.dtype))
@@ -320,13 +336,19 @@ class DINOTransformer(nn.Module):
         pos = torch.cat(poss, 1)
         mask_flatten = torch.cat(flat_masks, 1)
         device = src.device
-        spatial_shapes = torch.as_tensor([[int(h), int(w)] for h, w in shapes], dtype=torch.int64, device=device)
+        if torch.compiler.is_exporting():  # sizes may be symbolic: keep them in the graph, not specialised
+            spatial_shapes = torch.stack(
+                [torch.stack([torch.scalar_tensor(d, dtype=torch.int64, device=device) for d in hw]) for hw in shapes]
+            )
+        else:
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.int64, device=device)
         level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask_flatten)
+        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask_flatten, shapes)
         return dict(
             memory=memory,
             spatial_shapes=spatial_shapes,
+            level_shapes=shapes,
             level_start_index=level_start_index,
             valid_ratios=valid_ratios,
             mask_flatten=mask_flatten,
@@ -343,7 +365,7 @@ class DINOTransformer(nn.Module):
         """
         memory, mask = enc_ctx["memory"], enc_ctx["mask_flatten"]
         K = num_queries or self.num_queries
-        out_memory, proposals = encoder_output_proposals(memory, mask, enc_ctx["spatial_shapes"])
+        out_memory, proposals = encoder_output_proposals(memory, mask, enc_ctx.get("level_shapes", enc_ctx["spatial_shapes"]))
         out_memory = self.enc_output_norm(self.enc_output(out_memory))
         enc_logits = cls_branch(out_memory)
         enc_coords_unact = reg_branch(out_memory) + proposals.to(out_memory.dtype)
