@@ -175,15 +175,22 @@ def _demo_sized_model():
     return model
 
 
-def test_detector_for_export_equals_model_forward():
+@pytest.mark.parametrize("soft_nms", [True, False])
+def test_detector_for_export_plus_merge_equals_model_forward(soft_nms):
     model = _demo_sized_model()
+    model.postprocessor.soft_nms = soft_nms
     wrapper = DetectorForExport(model).eval()
-    img = torch.randint(0, 256, (1, 3, 96, 160), dtype=torch.uint8)
+    img = torch.randint(0, 256, (2, 3, 96, 160), dtype=torch.uint8)
     with torch.no_grad():
-        logits, boxes = wrapper(img)
-        images, masks, sizes = model.preprocess_image([{"image": img[0]}])
-        ref_logits, ref_boxes = model.query_head(model.neck(model.backbone(images.tensor)), masks, None, sizes)
-    assert torch.equal(logits, ref_logits) and torch.equal(boxes, ref_boxes)
+        boxes, scores, labels = wrapper(img)
+        want = model([{"image": img[0]}, {"image": img[1]}])
+    k = min(model.postprocessor.max_per_img, 30 * 5)  # 30 queries x 5 classes
+    assert boxes.shape == (2, k, 4) and scores.shape == labels.shape == (2, k)
+    for i in range(2):
+        got = model.postprocessor.merge(boxes[i], scores[i], labels[i])
+        inst = want[i]["instances"]
+        assert torch.equal(got["boxes"], inst.pred_boxes.tensor)
+        assert torch.equal(got["scores"], inst.scores) and torch.equal(got["labels"], inst.pred_classes)
 
 
 def test_torch_export_whole_inference_model_dynamic_size():

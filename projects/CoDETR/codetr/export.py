@@ -2,9 +2,10 @@
 
 :class:`DetectorForExport` wraps a :class:`codetr.modeling.CoDETR` in eval mode: it takes a batch of images
 already resized by the config's test resize (no padding: every image of the batch has the tensor's size) and
-returns what the query head predicts, with no Python-level data-dependent control flow, so that
-``torch.export.export`` captures it whole (deformable attention as the custom op
-``torch.ops.codetr.ms_deform_attn``), also with dynamic batch, height and width.
+returns the model's top-k detection candidates (``model.postprocessor.candidates``), with no host sync and no
+data-dependent shape, so that ``torch.export.export`` captures it whole (deformable attention as the custom op
+``torch.ops.codetr.ms_deform_attn``), also with dynamic batch, height and width. The rest of the model's
+post-processing (soft-NMS when the config uses it) is ``model.postprocessor.merge``, run per image on the outputs.
 
 :func:`set_deform_attn_impl` switches every deformable-attention module of a model between the compiled
 kernels ("auto") and the ``grid_sample`` formulation ("pytorch", what ONNX export emits as standard ops).
@@ -34,8 +35,9 @@ def set_deform_attn_impl(model: nn.Module, impl: str) -> int:
 
 class DetectorForExport(nn.Module):
     """
-    ``forward(images) -> (logits, boxes)``: the last decoder layer's class logits (B, K, num_classes) and boxes
-    (B, K, 4), normalised cxcywh relative to the input size.
+    ``forward(images) -> (boxes, scores, labels)``: the top-k candidates of :meth:`DETRPostProcessor.candidates`:
+    boxes (B, k, 4) XYXY in pixels of the input, scores (B, k) decreasing, labels (B, k) int64;
+    k = ``model.postprocessor.max_per_img``.
 
     Args:
         model: a CoDETR (its one-to-one query head makes the detections; the auxiliary heads are not run).
@@ -51,7 +53,7 @@ class DetectorForExport(nn.Module):
             raise ValueError(f"DetectorForExport runs the one-to-one query head; model.eval_module is {model.eval_module!r}")
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = self.model
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -63,5 +65,5 @@ class DetectorForExport(nn.Module):
         x = (images.to(m.pixel_mean.dtype) - m.pixel_mean) / m.pixel_std
         masks = torch.zeros(B, H, W, dtype=torch.bool, device=x.device)
         sizes = torch.stack([torch.scalar_tensor(H), torch.scalar_tensor(W)]).to(x.device).expand(B, 2)
-        features = m.neck(m.backbone(x))
-        return m.query_head(features, masks, None, sizes)
+        logits, boxes = m.query_head(m.neck(m.backbone(x)), masks, None, sizes)
+        return m.postprocessor.candidates(logits, boxes, sizes)

@@ -1,5 +1,5 @@
 """DETRPostProcessor: a query head's raw outputs -> per-image detections (top-k, optional soft-NMS)."""
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -50,22 +50,48 @@ class DETRPostProcessor(nn.Module):
         Returns:
             per image ``boxes`` (M, 4) XYXY in pixels of the normalisation size, ``scores`` (M,), ``labels`` (M,).
         """
+        xyxy, scores, labels = self.candidates(logits, boxes, image_sizes)
+        if not self.soft_nms:
+            return [dict(boxes=b, scores=s, labels=l) for b, s, l in zip(xyxy, scores, labels)]
+        return [self.merge(b, s, l) for b, s, l in zip(xyxy, scores, labels)]
+
+    def candidates(
+        self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The first step, batched and free of host syncs and data-dependent shapes (what ONNX / torch.export
+        graphs end with): the top ``max_per_img`` of the flattened (query x class) sigmoid scores, boxes to XYXY
+        pixels of ``image_sizes`` clamped to them.
+
+        Returns:
+            boxes (B, k, 4), scores (B, k) in decreasing order, labels (B, k) int64; k = min(max_per_img, N * K).
+        """
         B, N, K = logits.shape
-        out = []
-        for b in range(B):
-            prob = logits[b].float().sigmoid().flatten()
-            k = min(self.max_per_img, prob.numel())
-            scores, idx = prob.topk(k)
-            labels = idx % K
-            qidx = torch.div(idx, K, rounding_mode="floor")
-            h, w = image_sizes[b].tolist()
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=logits.device)
-            xyxy = box_convert(boxes[b, qidx].float(), "cxcywh", "xyxy") * scale
-            xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
-            xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
-            if self.soft_nms:
-                keep, scores = batched_soft_nms(xyxy, scores, labels, **self.soft_nms_cfg)
-                keep, scores = keep[: self.max_per_img], scores[: self.max_per_img]
-                xyxy, labels = xyxy[keep], labels[keep]
-            out.append(dict(boxes=xyxy, scores=scores, labels=labels))
-        return out
+        prob = logits.float().sigmoid().flatten(1)
+        scores, idx = prob.topk(min(self.max_per_img, N * K), dim=1)
+        labels = idx % K
+        qidx = torch.div(idx, K, rounding_mode="floor")
+        picked = boxes.float().gather(1, qidx[..., None].expand(-1, -1, 4))
+        scale = image_sizes.to(torch.float32).flip(-1).repeat(1, 2)[:, None]  # (B, 1, 4): w, h, w, h
+        xyxy = box_convert(picked, "cxcywh", "xyxy") * scale
+        xyxy = torch.minimum(xyxy.clamp(min=0), scale)
+        return xyxy, scores, labels
+
+    def merge(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        The second step, for one image: class-aware soft-NMS when configured, then the best ``max_per_img``.
+        Also what merges the candidates of several test-time augmentations (concatenated, in one coordinate
+        frame) and what deployment runs after an exported graph's :meth:`candidates`.
+
+        Args:
+            boxes: (M, 4) XYXY; scores: (M,); labels: (M,) int64.
+
+        Returns:
+            ``boxes``, ``scores`` (decreasing), ``labels``, at most ``max_per_img`` of them.
+        """
+        if self.soft_nms:
+            keep, scores = batched_soft_nms(boxes, scores, labels, **self.soft_nms_cfg)
+        else:
+            scores, keep = scores.topk(min(self.max_per_img, scores.numel()))
+        keep, scores = keep[: self.max_per_img], scores[: self.max_per_img]
+        return dict(boxes=boxes[keep], scores=scores, labels=labels[keep])
