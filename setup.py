@@ -75,7 +75,7 @@ setup(
     package_dir={"": PKG_ROOT},
     packages=find_packages(PKG_ROOT),
     python_requires=">=3.9",
-    install_requires=["fvcore", "iopath", "pycocotools", "scipy", "timm"],
+    install_requires=["fvcore", "iopath", "matplotlib", "pycocotools", "scipy", "timm"],
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

@@ -13,14 +13,14 @@ Documented overrides (command line ``key=value`` or in a derived config):
 - 9-encoder-layer variant (official co_dino_5scale_9encoder_*): ``model.query_head.transformer.num_encoder_layers=9``
 - Evaluate an auxiliary head instead of the one-to-one head (debugging): ``model.eval_module=atss`` or
   ``model.eval_module=rcnn`` (official 'one-stage' / 'two-stage' eval modes).
-- Another dataset: set ``model.query_head.num_classes``; the auxiliary heads follow it.
+- Another dataset: set ``model.query_head.num_classes`` (the only class count: the collaborative branch and its
+  auxiliary heads read it by interpolation); see configs/demo/coco_format_template.py.
 """
 from .common.co_dino_schedule import lr_multiplier, optimizer, train
 from .common.coco_data import dataloader
-from .common.models.co_dino_aux import collaborative
+from .common.models.co_dino_aux import collaborative as _collaborative  # '_': not a top-level config key
 from .common.models.dino_r50 import model
 
 model.query_head.transformer.num_co_heads = 2  # one positive-query projection per auxiliary head
-model.collaborative = collaborative
-model.collaborative.num_classes = "${..query_head.num_classes}"
+model.collaborative = _collaborative
 model.eval_module = "detr"

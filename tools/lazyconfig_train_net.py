@@ -12,6 +12,8 @@ Detectron2's LazyConfig training script plus what DETR-style training needs:
 * ``train.device``: "cuda" or "cpu"; ``--num-gpus N`` starts N processes (gloo when the device is cpu);
 * atomic periodic checkpoints, ``--resume`` (bit-exact for one process, no loader workers, no aspect-ratio
   grouping), ``--eval-only``, ``train.eval_period``;
+* ``<train.output_dir>/metrics.png``: the losses and the AP of every evaluation, drawn after training
+  (tools/plot_metrics.py compares several runs);
 * clear errors for unregistered dataset names, missing files and a model ``num_classes`` that does not match
   the training dataset, before the model is built.
 
@@ -266,7 +268,26 @@ def do_train(args, cfg):
             per_rank_batch = cfg.dataloader.train.total_batch_size // comm.get_world_size()
         sampler.start_index = start_iter * trainer.grad_accum_steps * per_rank_batch
     trainer.train(start_iter, cfg.train.max_iter)
+    if comm.is_main_process():
+        plot_training_curves(cfg.train.output_dir)
     return results
+
+
+def plot_training_curves(output_dir):
+    """Draw ``<output_dir>/metrics.png`` (losses and periodic AP, tools/plot_metrics.py) and print its path."""
+    if not os.path.isfile(os.path.join(output_dir, "metrics.json")):
+        return None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.warning("matplotlib is not installed: no training-curve plot (pip install matplotlib)")
+        return None
+    from codetr.analysis.metrics_plot import plot_runs
+
+    path = os.path.join(output_dir, "metrics.png")
+    plot_runs([output_dir], path)
+    print(f"Training curves (losses, AP): {path}", flush=True)
+    return path
 
 
 def _print_final(results):

@@ -34,7 +34,6 @@ dataloader.train.mapper.augmentations[1].max_size = 256
 dataloader.test.mapper.augmentations[0].short_edge_length = 160
 dataloader.test.mapper.augmentations[0].max_size = 256
 
-NUM_CLASSES = 20
 DIM = 128
 AUX_STRIDES = (8, 16, 32, 64, 128)
 
@@ -61,12 +60,12 @@ model = L(CoDETR)(
             num_queries=50,
             num_co_heads=2,
         ),
-        num_classes=NUM_CLASSES,
+        num_classes=20,  # the one class count: the collaborative branch and its aux heads read it
         num_dn_queries=10,
         label_noise_ratio=0.5,
         box_noise_scale=1.0,
         criterion=L(DETRCriterion)(
-            num_classes=NUM_CLASSES,
+            num_classes="${..num_classes}",
             matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
             loss_cls_weight=1.0,
             loss_bbox_weight=5.0,
@@ -78,7 +77,7 @@ model = L(CoDETR)(
     collaborative=L(CollaborativeBranch)(
         aux_heads=[
             L(RCNNBranch)(
-                num_classes=NUM_CLASSES,
+                num_classes="${...num_classes}",
                 in_channels=DIM,
                 strides=AUX_STRIDES,
                 num_roi_levels=4,
@@ -93,7 +92,7 @@ model = L(CoDETR)(
                 head_index=0,
             ),
             L(ATSSHead)(
-                num_classes=NUM_CLASSES,
+                num_classes="${...num_classes}",
                 in_channels=DIM,
                 feat_channels=DIM,
                 strides=AUX_STRIDES,
@@ -103,7 +102,7 @@ model = L(CoDETR)(
                 head_index=1,
             ),
         ],
-        num_classes=NUM_CLASSES,
+        num_classes="${..query_head.num_classes}",
         embed_dim=DIM,
         max_queries=50,
     ),

@@ -3,6 +3,8 @@
 # num_dec_layer * lambda_2 = 6 * 2 = 12 as in every official Co-DINO config (RPN CE/L1 12, RoI CE 12 / GIoU 120,
 # ATSS focal 12 / GIoU 24 / centerness 12). The query head's transformer needs ``num_co_heads=2`` for the positive queries.
 # Defaults are the R50/Swin-L heads (Shared2FC RoI head, class-specific regression, stds 0.1/0.1/0.2/0.2).
+# Class count: set as ``model.collaborative``, every head here reads ``model.query_head.num_classes`` (the one value
+# to set for another dataset).
 from detectron2.config import LazyCall as L
 
 from codetr.modeling.atss import ATSSHead
@@ -32,5 +34,5 @@ collaborative = L(CollaborativeBranch)(
             head_index=1,
         ),
     ],
-    num_classes=80,
+    num_classes="${..query_head.num_classes}",  # resolved once this is model.collaborative
 )

@@ -19,6 +19,7 @@ from .checks import (
     get_detection_dataset_dicts,
 )
 from .copy_paste import CopyPasteDataset, paste_instances
+from .coco_format import register_coco_dataset
 from .mapper import DetrDatasetMapper
 from .samplers import ResumableTrainingSampler
 from .synthetic import (

@@ -90,6 +90,6 @@ def check_num_classes(num_classes, dataset_names) -> None:
         if int(num_classes) != k:
             raise ValueError(
                 f"model num_classes={num_classes} but dataset {n!r} has {k} classes "
-                f"(MetadataCatalog.get({n!r}).thing_classes); set model.num_classes={k} (and every head's "
-                "num_classes) in the config"
+                f"(MetadataCatalog.get({n!r}).thing_classes); set the model's class count to {k} (Co-DETR configs: "
+                f"model.query_head.num_classes={k}; the other heads read it)"
             )

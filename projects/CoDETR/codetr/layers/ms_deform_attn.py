@@ -408,13 +408,37 @@ class MultiScaleDeformableAttention(nn.Module):
         """
         N, Lq, _ = query.shape
         S = value.shape[1]
-        H, L, P = self.num_heads, self.num_levels, self.num_points
+        H = self.num_heads
         if value_projected:
             if value.shape != (N, S, self.embed_dim):
                 raise ValueError(f"projected value must be (N={N}, S, {self.embed_dim}), got {tuple(value.shape)}")
         else:
             value = self.project_value(value, value_padding_mask)
         value = value.view(N, S, H, self.embed_dim // H)
+        locations, weights = self.sampling_locations_and_weights(query, reference_points, spatial_shapes)
+        locations, weights = locations.to(value.dtype), weights.to(value.dtype)
+        if self.impl == "auto":
+            out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        elif self.impl == "pytorch":
+            shapes = spatial_shapes if level_shapes is None else level_shapes
+            out = ms_deform_attn_pytorch(value, shapes, level_start_index, locations, weights)
+        else:
+            raise ValueError(f"MultiScaleDeformableAttention.impl must be one of {self.IMPLS}, got {self.impl!r}")
+        return self.output_proj(out)
+
+    def sampling_locations_and_weights(self, query, reference_points, spatial_shapes):
+        """
+        Where each query reads and with which weights (what :meth:`forward` feeds the op).
+
+        Args:
+            query: (N, Lq, C); reference_points: (N, Lq, L, 2) or (N, Lq, L, 4), as in :meth:`forward`;
+            spatial_shapes: (L, 2) int64 rows (h, w).
+
+        Returns:
+            locations: (N, Lq, H, L, P, 2) normalised (x, y); weights: (N, Lq, H, L, P), a softmax over L * P.
+        """
+        N, Lq, _ = query.shape
+        H, L, P = self.num_heads, self.num_levels, self.num_points
         offsets = self.sampling_offsets(query).view(N, Lq, H, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, H, L * P).softmax(-1).view(N, Lq, H, L, P)
         if reference_points.shape[-1] == 2:
@@ -429,12 +453,4 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(
                 f"reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape {tuple(reference_points.shape)}"
             )
-        locations, weights = locations.to(value.dtype), weights.to(value.dtype)
-        if self.impl == "auto":
-            out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
-        elif self.impl == "pytorch":
-            shapes = spatial_shapes if level_shapes is None else level_shapes
-            out = ms_deform_attn_pytorch(value, shapes, level_start_index, locations, weights)
-        else:
-            raise ValueError(f"MultiScaleDeformableAttention.impl must be one of {self.IMPLS}, got {self.impl!r}")
-        return self.output_proj(out)
+        return locations, weights
