@@ -127,8 +127,7 @@ def test_probe_on_the_demo_model_matches_a_manual_forward():
         maps = probe.pop()
         images, masks, sizes = model.preprocess_image([{"image": image}])
         feats = model.neck(model.backbone(images.tensor))
-        head = model.query_head
-        enc = head.transformer.encode(feats, head.level_masks(masks, feats))
+        enc = model.query_head.encode(feats, masks, sizes)
     probe.remove()
     shapes = enc["spatial_shapes"]
     assert len(maps["encoder"]) == len(maps["attention"]) == len(feats)

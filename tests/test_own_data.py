@@ -76,13 +76,26 @@ def _edited_template(tmp_path, paths, num_classes):
     return str(path)
 
 
-def test_template_trains_and_evaluates_on_a_three_class_dataset(tmp_path):
+@pytest.fixture
+def free_template_names():
+    """The template registers my_dataset_train / my_dataset_val: free them before and after (other tests load the
+    template with its default paths, which would clash with this test's files)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    for n in ("my_dataset_train", "my_dataset_val"):  # the names the template registers: free them in this process
-        if n in DatasetCatalog.list():
-            DatasetCatalog.remove(n)
-            MetadataCatalog.remove(n)
+    def free():
+        for n in ("my_dataset_train", "my_dataset_val"):
+            if n in DatasetCatalog.list():
+                DatasetCatalog.remove(n)
+                MetadataCatalog.remove(n)
+
+    free()
+    yield
+    free()
+
+
+def test_template_trains_and_evaluates_on_a_three_class_dataset(tmp_path, free_template_names):
+    from detectron2.data import MetadataCatalog
+
     paths = _make_dataset(str(tmp_path / "data"), num_classes=3)
     config = _edited_template(tmp_path, paths, 3)
     cfg = LazyConfig.load(config)

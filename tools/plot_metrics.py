@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plot the training losses and the periodic AP of one or more detectron2 runs from their metrics.json.
 
-One curve per run in every panel: the losses (log scale; default total_loss and the last decoder layer's
+One curve per run in every panel: the losses (default total_loss and the last decoder layer's
 loss_cls / loss_bbox / loss_iou) and the evaluation AP (bbox/AP solid, bbox/AP50 dashed) written by
 ``train.eval_period`` evaluations.
 

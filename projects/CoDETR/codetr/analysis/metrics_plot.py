@@ -52,7 +52,7 @@ def plot_runs(
     ap_keys: Sequence[str] = DEFAULT_AP_KEYS,
 ) -> Dict:
     """
-    Draw one panel per loss key (log scale) and one AP panel, one curve per run, and save the PNG ``output``.
+    Draw one panel per loss key and one AP panel, one curve per run, and save the PNG ``output``.
 
     Args:
         run_dirs: training output folders (or metrics.json files).
@@ -107,8 +107,6 @@ def plot_runs(
                             fontsize=7, color=color)
             else:
                 ax.plot(its, vals, color=colors[name], label=name, lw=1.2)
-        if title != "AP" and all(v > 0 for _, vals in curves.values() for v in vals):
-            ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
