@@ -11,11 +11,11 @@ from detectron2.config import LazyCall as L
 
 from codetr.modeling.mask_head import InstanceMaskBranch, MaskIoUHead, RefineMaskHead
 
-from .co_dino_synthetic import DIM, NUM_CLASSES, dataloader, lr_multiplier, model, optimizer, train
+from .co_dino_synthetic import DIM, dataloader, lr_multiplier, model, optimizer, train
 
 model.mask_branch = L(InstanceMaskBranch)(
-    mask_head=L(RefineMaskHead)(in_channels=DIM, num_classes=NUM_CLASSES, conv_dim=DIM, semantic_stride=8),
-    mask_iou_head=L(MaskIoUHead)(in_channels=DIM, num_classes=NUM_CLASSES, conv_dim=DIM, fc_dim=256),
+    mask_head=L(RefineMaskHead)(in_channels=DIM, num_classes="${...query_head.num_classes}", conv_dim=DIM, semantic_stride=8),
+    mask_iou_head=L(MaskIoUHead)(in_channels=DIM, num_classes="${...query_head.num_classes}", conv_dim=DIM, fc_dim=256),
     strides=(8, 16, 32, 64),
     num_proposals=300,
     batch_size_per_image=64,

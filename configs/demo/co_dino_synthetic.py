@@ -3,14 +3,17 @@
 #   python tools/lazyconfig_train_net.py --config-file configs/demo/co_dino_synthetic.py
 #
 # Same architecture as Co-DINO R50 (DINO query head + collaborative branch with the Faster R-CNN and ATSS
-# auxiliary heads and their customised positive queries), shrunk to run on a laptop: ResNet-18 from scratch,
-# 3 backbone levels + 1 extra (strides 8..64; aux maps 8..128), 128-d transformer with 2 encoder / 2 decoder
-# layers, 50 queries, 10 denoising queries; images resized to a short side of 128..192 (test 160). See README "Train, evaluate, demo" for the measured time and AP.
+# auxiliary heads and their customised positive queries), shrunk to run on a laptop: a ResNet-18-shaped backbone at
+# half width (stages of 32/64/128/256 channels, from scratch), 3 backbone levels + 1 extra (strides 8..64; aux maps
+# 8..128), 128-d transformer with 2 encoder / 2 decoder layers, 100 queries, 10 denoising queries; images resized to
+# a short side of 192..256 (test 224); AdamW 1e-3, 600 iterations of batch 2, evaluated every 200. See README
+# "Train, evaluate, demo" for the measured time and AP.
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 import torch
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
+from detectron2.modeling.backbone.resnet import BasicBlock
 from detectron2.solver import get_default_optimizer_params
 
 from codetr.modeling import (
@@ -29,23 +32,30 @@ from codetr.modeling.rcnn import RCNNBranch
 from ..common.synthetic_data import dataloader
 
 dataloader.train.total_batch_size = 2
-dataloader.train.mapper.augmentations[1].short_edge_length = (128, 160, 192)
-dataloader.train.mapper.augmentations[1].max_size = 256
-dataloader.test.mapper.augmentations[0].short_edge_length = 160
-dataloader.test.mapper.augmentations[0].max_size = 256
+dataloader.train.mapper.augmentations[1].short_edge_length = (192, 224, 256)
+dataloader.train.mapper.augmentations[1].max_size = 384
+dataloader.test.mapper.augmentations[0].short_edge_length = 224
+dataloader.test.mapper.augmentations[0].max_size = 384
 
+WIDTH = 32  # backbone channels of the first stage (ResNet-18: 64)
 DIM = 128
 AUX_STRIDES = (8, 16, 32, 64, 128)
 
 model = L(CoDETR)(
     backbone=L(ResNet)(
-        stem=L(BasicStem)(in_channels=3, out_channels=64, norm="BN"),
-        stages=L(ResNet.make_default_stages)(depth=18, norm="BN"),
+        stem=L(BasicStem)(in_channels=3, out_channels=WIDTH, norm="BN"),
+        stages=[  # ResNet-18's 2 basic blocks per stage, at WIDTH x 1, 2, 4, 8 channels
+            L(ResNet.make_stage)(
+                block_class=BasicBlock, num_blocks=2, in_channels=WIDTH * 2 ** max(i - 1, 0), out_channels=WIDTH * 2**i,
+                stride_per_block=[1 if i == 0 else 2, 1], norm="BN",
+            )
+            for i in range(4)
+        ],
         out_features=["res3", "res4", "res5"],
         freeze_at=0,
     ),
     neck=L(ChannelMapper)(
-        in_features=["res3", "res4", "res5"], in_channels=[128, 256, 512], out_channels=DIM, num_extra=1
+        in_features=["res3", "res4", "res5"], in_channels=[2 * WIDTH, 4 * WIDTH, 8 * WIDTH], out_channels=DIM, num_extra=1
     ),
     query_head=L(DINOHead)(
         transformer=L(DINOTransformer)(
@@ -57,7 +67,7 @@ model = L(CoDETR)(
             num_decoder_layers=2,
             ffn_dim=512,
             dropout=0.0,
-            num_queries=50,
+            num_queries=100,
             num_co_heads=2,
         ),
         num_classes=20,  # the one class count: the collaborative branch and its aux heads read it
@@ -115,7 +125,7 @@ model = L(CoDETR)(
 
 optimizer = L(torch.optim.AdamW)(
     params=L(get_default_optimizer_params)(base_lr="${..lr}"),
-    lr=4e-4,
+    lr=1e-3,
     betas=(0.9, 0.999),
     weight_decay=1e-4,
 )
@@ -134,7 +144,7 @@ train = dict(
     activation_checkpointing=dict(enabled=False, module_types=[]),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=200, max_to_keep=3),
-    eval_period=0,  # evaluate once, at the end
+    eval_period=200,  # after iterations 200 and 400, and at the end: the AP curve of metrics.png
     log_period=20,
     device="cpu",
     seed=42,
