@@ -122,8 +122,10 @@ def _draw_heatmaps(path, image, boxes, rows):
         for c, (title, score) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(image)
-            if score is not None:
-                ax.imshow(score.numpy(), cmap="jet", alpha=0.55, vmin=0.0, vmax=1.0)
+            if score is not None:  # colours stretched to the map's own range (given in the title)
+                lo, hi = float(score.min()), float(score.max())
+                ax.imshow(score.numpy(), cmap="jet", alpha=0.55, vmin=lo, vmax=max(hi, lo + 1e-6))
+                title += f" [{lo:.2f}, {hi:.2f}]"
             for x0, y0, x1, y1 in boxes.tolist():
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", lw=0.8))
             ax.set_title(title if c or r == 0 else label, fontsize=7)

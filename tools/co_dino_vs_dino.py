@@ -44,6 +44,7 @@ def build_parser():
     p.add_argument("--output", default="output/co_dino_vs_dino", help="output folder (default: output/co_dino_vs_dino)")
     p.add_argument("--dataset", default="codetr_synthetic_val", help="dataset of the discriminability analysis")
     p.add_argument("--num-vis", type=int, default=4, help="heat-map figures to write (default: 4)")
+    p.add_argument("--num-images", type=int, default=0, help="analyse only the first N images (default: all)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY=VALUE applied to both runs")
     return p
 
@@ -60,7 +61,7 @@ def _train(config, out_dir, opts):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from codetr.analysis.metrics_plot import metric_series, load_metrics, plot_runs
+    from codetr.analysis.metrics_plot import load_metrics, metric_series, plot_runs
 
     opts = [o for o in args.opts if o != "--"]
     start = time.perf_counter()
@@ -80,7 +81,7 @@ def main(argv=None):
     import analyze_discriminability
 
     disc_args = ["--dataset", args.dataset, "--output", os.path.join(args.output, "discriminability"),
-                 "--num-vis", str(args.num_vis)]
+                 "--num-vis", str(args.num_vis), "--num-images", str(args.num_images)]
     for (label, name, config), d in zip(RUNS, dirs):
         disc_args += ["--config-file", config, "--checkpoint", os.path.join(d, "model_final.pth"), "--label", label]
     disc = analyze_discriminability.main(disc_args)
