@@ -80,6 +80,29 @@ def tiny_model(
     )
 
 
+def tiny_deformable(num_classes=3, num_queries=20, num_co_heads=0, embed_dim=64, layers=2, width=32, **crit_kw):
+    """A Co-Deformable-DETR / Deformable-DETR CoDETR small enough for CPU tests (4 levels, strides 4..32; its
+    criterion: focal 2 / L1 5 / GIoU 2, binary encoder labels; top-100, no NMS)."""
+    from codetr.modeling.deformable_detr_head import DeformableDETRHead
+    from codetr.modeling.deformable_transformer import DeformableDETRTransformer
+
+    transformer = DeformableDETRTransformer(
+        embed_dim=embed_dim, num_heads=4, num_levels=4, num_points=2, num_encoder_layers=layers,
+        num_decoder_layers=layers, ffn_dim=2 * embed_dim, num_co_heads=num_co_heads,
+    )
+    crit = dict(cls_loss="focal", loss_cls_weight=2.0, loss_bbox_weight=5.0, loss_giou_weight=2.0, binary_encoder_labels=True)
+    crit.update(crit_kw)
+    head = DeformableDETRHead(
+        transformer=transformer, num_classes=num_classes, num_queries=num_queries,
+        criterion=DETRCriterion(num_classes=num_classes, **crit),
+    )
+    neck = ChannelMapper(["p1", "p2", "p3"], [width] * 3, embed_dim, num_extra=1, kernel_size=1, num_groups=8)
+    return CoDETR(
+        backbone=TinyBackbone(width), neck=neck, query_head=head, pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, postprocessor=DETRPostProcessor(max_per_img=100, soft_nms=False),
+    )
+
+
 def random_input(h, w, n, num_classes=3, name=None, generator=None):
     """A batched_inputs item with n random (valid) boxes."""
     g = generator

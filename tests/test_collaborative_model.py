@@ -20,7 +20,7 @@ AUX_HEAD_KEYS = {
 }
 
 
-def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32):
+def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32, return_feats=False):
     """Aux heads on the tiny model's 4 encoder levels (strides 4..32) + the extra stride-64 map."""
     strides = (4, 8, 16, 32, 64)
     return CollaborativeBranch(
@@ -28,10 +28,11 @@ def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32):
             RCNNBranch(num_classes=num_classes, in_channels=embed_dim, strides=strides, num_roi_levels=4, fc_dim=64,
                        rpn_batch_size_per_image=64, rpn_pre_nms_topk=(300, 100), rpn_post_nms_topk=(100, 100),
                        roi_batch_size_per_image=64,  # small samples keep the CPU test fast
-                       loss_rpn_cls_weight=4.0, loss_rpn_bbox_weight=4.0, loss_cls_weight=4.0, loss_bbox_weight=40.0),
+                       loss_rpn_cls_weight=4.0, loss_rpn_bbox_weight=4.0, loss_cls_weight=4.0, loss_bbox_weight=40.0,
+                       return_feats=return_feats),
             ATSSHead(num_classes=num_classes, in_channels=embed_dim, feat_channels=embed_dim, strides=strides,
                      num_gn_groups=num_gn_groups,
-                     loss_cls_weight=4.0, loss_bbox_weight=8.0, loss_centerness_weight=4.0),
+                     loss_cls_weight=4.0, loss_bbox_weight=8.0, loss_centerness_weight=4.0, return_feats=return_feats),
         ],
         num_classes=num_classes,
         embed_dim=embed_dim,

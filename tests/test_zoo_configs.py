@@ -151,7 +151,7 @@ def test_full_vitl_builds_param_counts_and_layer_decay_for_every_parameter():
 
 def test_model_zoo_url_table_and_config_side():
     assert set(model_zoo.OFFICIAL_WEIGHTS) == {"co_dino_r50.py", "co_dino_swinl.py", "co_dino_vitl.py",
-                                                "co_dino_vitl_lvis.py"}
+                                                "co_dino_vitl_lvis.py", "co_deformable_detr_r50.py"}
     for name, w in model_zoo.OFFICIAL_WEIGHTS.items():
         assert os.path.isfile(model_zoo.get_config_file(name))
         assert w.url.startswith("https://") and w.official_config.endswith(".py") and 0 < w.box_ap < 100

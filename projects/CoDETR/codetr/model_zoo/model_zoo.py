@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 _DRIVE_CO_DINO = "https://drive.google.com/drive/folders/1nAXOkzqrEgz-YnXxIEs4d5j9li_kmrnv"
+_DRIVE_CO_DEFORMABLE = "https://drive.google.com/drive/folders/1asWoZ3SuM6APTL9D-QUF_YW9mjULNdh9"
 _HF = "https://huggingface.co/zongzhuofan/{}/resolve/main/pytorch_model.pth"
 
 
@@ -43,6 +44,9 @@ class OfficialWeights:
 OFFICIAL_WEIGHTS: Dict[str, OfficialWeights] = {
     "co_dino_r50.py": OfficialWeights(
         _DRIVE_CO_DINO, False, "co_dino/co_dino_5scale_r50_1x_coco.py", 52.1, "COCO val2017"
+    ),
+    "co_deformable_detr_r50.py": OfficialWeights(
+        _DRIVE_CO_DEFORMABLE, False, "co_deformable_detr/co_deformable_detr_r50_1x_coco.py", 49.5, "COCO val2017"
     ),
     "co_dino_swinl.py": OfficialWeights(
         _DRIVE_CO_DINO, False, "co_dino/co_dino_5scale_swin_large_1x_coco.py", 58.9, "COCO val2017"

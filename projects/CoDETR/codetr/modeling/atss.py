@@ -207,6 +207,7 @@ class ATSSHead(nn.Module):
         test_score_thresh: float = 0.0,
         test_detections_per_image: int = 100,
         valid_size_divisor: int = 32,
+        return_feats: bool = False,
     ):
         """
         Args:
@@ -219,6 +220,8 @@ class ATSSHead(nn.Module):
             valid_size_divisor: anchors are valid (assignable, sampled, real boxes among the positive queries) at
                 the feature locations inside each image's size rounded up to this multiple (mmdet's per-image
                 ``pad_shape``: the official pipelines pad each image to a multiple of 32).
+            return_feats: add ``feats`` (A, C), the input maps at every anchor, to the positives
+                (Co-Deformable-DETR's positive queries use them).
         """
         super().__init__()
         self.valid_size_divisor = max(int(valid_size_divisor), 1)
@@ -236,6 +239,7 @@ class ATSSHead(nn.Module):
         self.test_nms_thresh = test_nms_thresh
         self.test_score_thresh = test_score_thresh
         self.test_detections_per_image = test_detections_per_image
+        self.return_feats = return_feats
 
         self.cls_convs = nn.ModuleList()
         self.reg_convs = nn.ModuleList()
@@ -345,7 +349,7 @@ class ATSSHead(nn.Module):
         Returns:
             losses: ``loss_cls{i}``, ``loss_bbox{i}``, ``loss_centerness{i}`` (weights applied).
             positives: per image a dict ``boxes`` (A, 4) anchors (zero boxes where not valid), ``labels`` (A,),
-                ``target_boxes`` (A, 4).
+                ``target_boxes`` (A, 4) (+ ``feats`` (A, C) with ``return_feats``).
         """
         if len(gt_instances) != features[0].shape[0]:
             raise ValueError(
@@ -372,6 +376,10 @@ class ATSSHead(nn.Module):
         positives = [
             {"boxes": pos_anchors[i], "labels": labels[i], "target_boxes": target_boxes[i]} for i in range(len(labels))
         ]
+        if self.return_feats:  # one anchor per location: the maps flattened in anchor order
+            anchor_feats = cat([self._flatten(f) for f in features], dim=1)  # (B, A, C)
+            for i, p in enumerate(positives):
+                p["feats"] = anchor_feats[i]
         return losses, positives
 
     def losses(

@@ -108,14 +108,15 @@ def get_aux_targets(
 
     Args:
         positives: per image ``boxes`` (M_i, 4), ``labels`` (M_i,), ``target_boxes`` (M_i, 4), XYXY absolute;
-            background label = ``num_classes``.
+            background label = ``num_classes``; optionally ``feats`` (M_i, C), the boxes' features (auxiliary
+            heads built with ``return_feats=True``; Co-Deformable-DETR's positive queries read them).
         image_sizes: per image (h, w) used for normalisation.
         min_queries, max_queries: N = max(min_queries, min(max_queries, max_i #positives_i)).
 
     Returns:
         dict with ``ref_boxes`` (B, N, 4) normalised cxcywh (the query anchors), ``labels`` (B, N) int64,
         ``label_weights`` (B, N) (all ones), ``boxes`` (B, N, 4) normalised cxcywh targets, ``box_weights``
-        (B, N) (1 on positives). Positives come first in each row. When an image has fewer negatives than padding
+        (B, N) (1 on positives), and ``feats`` (B, N, C) when the positives have them. Positives come first in each row. When an image has fewer negatives than padding
         slots they are drawn with repetition; with none at all the slots are zero boxes labelled background.
     """
     if len(positives) != len(image_sizes):
@@ -127,7 +128,8 @@ def get_aux_targets(
     num_fg = torch.stack([m.sum() for m in fg_masks]).tolist()
     n = max(min_queries, min(max_queries, max(num_fg)))
 
-    refs, labels, targets, box_w = [], [], [], []
+    with_feats = all("feats" in p for p in positives)
+    refs, labels, targets, box_w, feats = [], [], [], [], []
     for p, fg, nf, (h, w) in zip(positives, fg_masks, num_fg, image_sizes):
         device = p["boxes"].device
         pos_idx = fg.nonzero().squeeze(1)
@@ -146,25 +148,32 @@ def get_aux_targets(
         ref = _xyxy_to_cxcywh(p["boxes"][idx] / factor)
         lab = p["labels"][idx]
         tgt = _xyxy_to_cxcywh(p["target_boxes"][idx] / factor)
+        feat = p["feats"][idx] if with_feats else None
         short = n - idx.numel()
         if short > 0:  # no negatives to pad with
             ref = torch.cat([ref, ref.new_zeros(short, 4)])
             tgt = torch.cat([tgt, tgt.new_zeros(short, 4)])
             lab = torch.cat([lab, lab.new_full((short,), num_classes)])
+            if with_feats:
+                feat = torch.cat([feat, feat.new_zeros(short, feat.shape[1])])
         bw = ref.new_zeros(n)
         bw[: pos_idx.numel()] = 1.0
         refs.append(ref)
         labels.append(lab)
         targets.append(tgt)
         box_w.append(bw)
+        feats.append(feat)
     ref_boxes = torch.stack(refs)
-    return {
+    out = {
         "ref_boxes": ref_boxes,
         "labels": torch.stack(labels),
         "label_weights": ref_boxes.new_ones(ref_boxes.shape[:2]),
         "boxes": torch.stack(targets),
         "box_weights": torch.stack(box_w),
     }
+    if with_feats:
+        out["feats"] = torch.stack(feats)
+    return out
 
 
 class CollaborativeBranch(nn.Module):

@@ -1,36 +1,21 @@
 """DINOHead: Co-DINO's one-to-one query head (transformer + per-layer predictions, denoising queries) and its
 positive-query decoder passes for the collaborative branch. Losses: :mod:`.criterion`; detections:
 :mod:`.postprocess`."""
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .collaborative import memory_to_maps
 from .criterion import DETRCriterion, validate_targets
-from .denoising import CdnQueryGenerator, inverse_sigmoid
+from .denoising import CdnQueryGenerator
 from .position_encoding import box_sine_embed
+from .query_head import DETRQueryHead
 from .transformer import DINOTransformer
 
-__all__ = ["DINOHead", "reg_branch", "level_masks"]
+__all__ = ["DINOHead"]
 
 
-def reg_branch(embed_dim: int) -> nn.Sequential:
-    """The box MLP C-C-C-4 of a DETR head (``reg_branches.{l}.{0,2,4}`` as officially)."""
-    return nn.Sequential(
-        nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, 4)
-    )
-
-
-def level_masks(masks: torch.Tensor, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """(B, H, W) image padding mask -> one (B, h_l, w_l) bool mask per level (nearest resize)."""
-    m = masks[None].float()
-    return [F.interpolate(m, size=f.shape[-2:]).to(torch.bool)[0] for f in features]
-
-
-class DINOHead(nn.Module):
+class DINOHead(DETRQueryHead):
     """
     The one-to-one query head of Co-DINO (implements :class:`codetr.modeling.collaborative.CollaborativeQueryHead`).
 
@@ -58,63 +43,14 @@ class DINOHead(nn.Module):
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 1.0,
     ):
-        super().__init__()
-        if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
         criterion = criterion if criterion is not None else DETRCriterion(num_classes=num_classes)
-        if criterion.num_classes != num_classes:
-            raise ValueError(f"criterion.num_classes={criterion.num_classes} differs from the head's num_classes={num_classes}")
-        self.transformer = transformer
-        self.criterion = criterion
-        self.num_classes = num_classes
-        self.embed_dim = C = transformer.embed_dim
+        super().__init__(transformer, num_classes, criterion, ref_eps=1e-3)
         self.num_queries = transformer.num_queries
-        num_pred = len(transformer.decoder.layers) + 1
-        self.cls_branches = nn.ModuleList([nn.Linear(C, num_classes) for _ in range(num_pred)])
-        self.reg_branches = nn.ModuleList([reg_branch(C) for _ in range(num_pred)])
-        self.label_embedding = nn.Embedding(num_classes, C)
+        self.label_embedding = nn.Embedding(num_classes, self.embed_dim)
         self.dn_generator = CdnQueryGenerator(num_classes, num_dn_queries, label_noise_ratio, box_noise_scale)
         self.reset_parameters()
 
-    @property
-    def num_co_heads(self) -> int:
-        return len(self.transformer.aux_pos_trans)
-
-    def reset_parameters(self):
-        bias = -math.log((1 - 0.01) / 0.01)
-        for m in self.cls_branches:
-            nn.init.constant_(m.bias, bias)
-        for m in self.reg_branches:
-            nn.init.constant_(m[-1].weight, 0.0)
-            nn.init.constant_(m[-1].bias, 0.0)
-
     # ------------------------------------------------------------------ shared pieces
-    def encode(self, features: Sequence[torch.Tensor], masks: torch.Tensor, image_sizes: Optional[torch.Tensor] = None) -> Dict:
-        """Run the encoder on the neck's maps; returns ``enc_ctx`` (see :meth:`forward`) with ``image_sizes``."""
-        enc_ctx = self.transformer.encode(features, level_masks(masks, features))
-        if image_sizes is None:
-            image_sizes = torch.tensor([masks.shape[-2:]] * masks.shape[0], device=masks.device)
-        enc_ctx["image_sizes"] = image_sizes
-        return enc_ctx
-
-    def encoder_maps(self, enc_ctx: Dict) -> List[torch.Tensor]:
-        """The encoder memory cut back into its L maps (B, C, h_l, w_l), finest first."""
-        return memory_to_maps(enc_ctx["memory"], enc_ctx["spatial_shapes"])
-
-    def predict(self, hidden: torch.Tensor, refs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """
-        Per-layer outputs: logits = cls_branch[l](h_l), boxes = sigmoid(reg_branch[l](h_l) + inverse_sigmoid(ref_l)),
-        ref_l being layer l-1's undetached refined boxes.
-
-        Returns:
-            logits (L, B, N, num_classes), boxes (L, B, N, 4) normalised cxcywh.
-        """
-        logits, boxes = [], []
-        for lvl in range(hidden.shape[0]):
-            logits.append(self.cls_branches[lvl](hidden[lvl]))
-            boxes.append((self.reg_branches[lvl](hidden[lvl]) + inverse_sigmoid(refs[lvl], eps=1e-3)).sigmoid())
-        return torch.stack(logits), torch.stack(boxes)
-
     def decode(self, enc_ctx, query, reference, attn_mask=None):
         """Run the decoder; reuses ``enc_ctx["memory_values"]`` (the per-layer value projections) when present."""
         return self.transformer.decoder(
@@ -165,8 +101,7 @@ class DINOHead(nn.Module):
         if not self.training:
             hidden, refs = self.decode(enc_ctx, query, reference)
             last = hidden.shape[0] - 1
-            logits = self.cls_branches[last](hidden[last])
-            boxes = (self.reg_branches[last](hidden[last]) + inverse_sigmoid(refs[last], eps=1e-3)).sigmoid()
+            logits, boxes = self.predict_layer(last, hidden[last], refs[last])
             return (logits, boxes, enc_ctx) if return_enc_ctx else (logits, boxes)
         if targets is None:
             raise ValueError("DINOHead needs targets in training mode")

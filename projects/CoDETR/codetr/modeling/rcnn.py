@@ -161,6 +161,7 @@ class RCNNBranch(nn.Module):
         test_detections_per_image: int = 100,
         max_positives: int = 2000,
         head_index: int = 0,
+        return_feats: bool = False,
     ):
         """
         Args:
@@ -173,6 +174,8 @@ class RCNNBranch(nn.Module):
             loss_*_weight: multipliers (Co-DINO configs: RPN CE 12, RPN L1 12, RoI CE 12, RoI GIoU 120).
             max_positives: cap of the per-image positive-query candidates (official 2000).
             head_index: appended to the loss keys.
+            return_feats: add ``feats`` (M, C), each sampled RoI's 7x7 RoIAlign features averaged, to the
+                positives (Co-Deformable-DETR's positive queries use them).
         """
         super().__init__()
         if num_classes < 1:
@@ -184,6 +187,7 @@ class RCNNBranch(nn.Module):
         self.strides = strides
         self.head_index = head_index
         self.max_positives = max_positives
+        self.return_feats = return_feats
         self.in_features = [f"p{int(round(math.log2(s)))}" for s in strides]
 
         sizes = [
@@ -269,7 +273,8 @@ class RCNNBranch(nn.Module):
         Returns:
             losses: ``loss_rpn_cls{i}``, ``loss_rpn_bbox{i}``, ``loss_cls{i}``, ``loss_bbox{i}``.
             positives: per image ``boxes`` (M, 4) the sampled RoIs (positives first), ``labels`` (M,),
-                ``target_boxes`` (M, 4) their GT boxes (zeros for background); M is the same for every image.
+                ``target_boxes`` (M, 4) their GT boxes (zeros for background), with ``return_feats`` also ``feats``
+                (M, C); M is the same for every image.
         """
         if len(gt_instances) != features[0].shape[0]:
             raise ValueError(
@@ -285,7 +290,15 @@ class RCNNBranch(nn.Module):
             f"loss_cls{i}": roi_losses["loss_cls"],
             f"loss_bbox{i}": roi_losses["loss_box_reg"],
         }
-        return losses, self.positives(sampled)
+        positives = self.positives(sampled)
+        if self.return_feats:
+            m = positives[0]["boxes"].shape[0]
+            pooled = self.roi_heads.box_pooler(
+                [feats[f] for f in self.roi_heads.box_in_features], [p.proposal_boxes[:m] for p in sampled]
+            )  # (B * m, C, R, R), image-major
+            for p, f in zip(positives, pooled.mean(dim=(2, 3)).split(m)):
+                p["feats"] = f
+        return losses, positives
 
     @torch.no_grad()
     def positives(self, sampled: List[Instances]) -> List[Dict[str, Tensor]]:

@@ -21,6 +21,7 @@ __all__ = [
     "DINODecoderLayer",
     "DINODecoder",
     "DINOTransformer",
+    "MultiScaleTransformer",
     "encoder_output_proposals",
 ]
 
@@ -252,58 +253,14 @@ def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, s
     return output_memory, proposals
 
 
-class DINOTransformer(nn.Module):
+class MultiScaleTransformer(nn.Module):
     """
-    The transformer of the one-to-one branch.
-
-    ``encode`` flattens the multi-scale features (sine position + learned level embedding) and runs
-    the deformable encoder; ``select_queries`` does two-stage mixed query selection (top-K encoder
-    proposals as reference boxes, learned content queries); ``decoder`` is a :class:`DINODecoder`.
+    What the deformable DETRs share: ``encode`` flattens the multi-scale features (sine position + learned level
+    embedding ``level_embeds``) and runs the deformable ``encoder``; ``encoder_proposals`` scores one two-stage
+    proposal per encoder token (``enc_output`` + ``enc_output_norm``, then the given cls/reg branches).
+    Subclasses set ``num_levels``, ``position_embedding``, ``level_embeds``, ``encoder``, ``enc_output``,
+    ``enc_output_norm``.
     """
-
-    def __init__(
-        self,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        num_levels: int = 5,
-        num_points: int = 4,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        ffn_dim: int = 2048,
-        dropout: float = 0.0,
-        num_queries: int = 900,
-        num_checkpoint: int = 0,
-        pos_temperature: float = 20.0,
-        num_co_heads: int = 0,
-    ):
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.num_levels = num_levels
-        self.num_queries = num_queries
-        self.position_embedding = PositionEmbeddingSine(embed_dim // 2, temperature=pos_temperature, normalize=True)
-        self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dim))
-        self.encoder = DeformableEncoder(num_encoder_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, num_checkpoint)
-        self.decoder = DINODecoder(num_decoder_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout)
-        self.enc_output = nn.Linear(embed_dim, embed_dim)
-        self.enc_output_norm = nn.LayerNorm(embed_dim)
-        self.query_embed = nn.Embedding(num_queries, embed_dim)
-        # positive-query projections of Co-DINO's auxiliary heads: Linear(2C -> C) + LayerNorm(C) of the positive
-        # queries' box embeddings, one per auxiliary head (official names; none for DINO)
-        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_co_heads)])
-        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(num_co_heads)])
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m.reset_parameters()
-        nn.init.normal_(self.level_embeds)
-        nn.init.normal_(self.query_embed.weight)
-        for m in self.aux_pos_trans:
-            nn.init.zeros_(m.bias)
 
     @staticmethod
     def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
@@ -354,6 +311,78 @@ class DINOTransformer(nn.Module):
             mask_flatten=mask_flatten,
         )
 
+    def reset_parameters(self):
+        """As mmdet's deformable transformers: xavier on every matrix, the deformable attentions' own init, normal
+        level embeddings."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embeds)
+
+    def encoder_proposals(self, enc_ctx: Dict[str, torch.Tensor], cls_branch: nn.Module, reg_branch: nn.Module):
+        """
+        Two-stage proposals of every encoder token.
+
+        Returns:
+            enc_logits (B, S, num_classes); enc_coords_unact (B, S, 4): inverse-sigmoid boxes, +inf at padded or
+            invalid tokens.
+        """
+        shapes = enc_ctx.get("level_shapes", enc_ctx["spatial_shapes"])
+        out_memory, proposals = encoder_output_proposals(enc_ctx["memory"], enc_ctx["mask_flatten"], shapes)
+        out_memory = self.enc_output_norm(self.enc_output(out_memory))
+        return cls_branch(out_memory), reg_branch(out_memory) + proposals.to(out_memory.dtype)
+
+
+class DINOTransformer(MultiScaleTransformer):
+    """
+    The transformer of the one-to-one branch.
+
+    ``encode`` flattens the multi-scale features (sine position + learned level embedding) and runs
+    the deformable encoder; ``select_queries`` does two-stage mixed query selection (top-K encoder
+    proposals as reference boxes, learned content queries); ``decoder`` is a :class:`DINODecoder`.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 5,
+        num_points: int = 4,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        num_queries: int = 900,
+        num_checkpoint: int = 0,
+        pos_temperature: float = 20.0,
+        num_co_heads: int = 0,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_levels = num_levels
+        self.num_queries = num_queries
+        self.position_embedding = PositionEmbeddingSine(embed_dim // 2, temperature=pos_temperature, normalize=True)
+        self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dim))
+        self.encoder = DeformableEncoder(num_encoder_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout, num_checkpoint)
+        self.decoder = DINODecoder(num_decoder_layers, embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout)
+        self.enc_output = nn.Linear(embed_dim, embed_dim)
+        self.enc_output_norm = nn.LayerNorm(embed_dim)
+        self.query_embed = nn.Embedding(num_queries, embed_dim)
+        # positive-query projections of Co-DINO's auxiliary heads: Linear(2C -> C) + LayerNorm(C) of the positive
+        # queries' box embeddings, one per auxiliary head (official names; none for DINO)
+        self.aux_pos_trans = nn.ModuleList([nn.Linear(2 * embed_dim, embed_dim) for _ in range(num_co_heads)])
+        self.aux_pos_trans_norm = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(num_co_heads)])
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        nn.init.normal_(self.query_embed.weight)
+        for m in self.aux_pos_trans:
+            nn.init.zeros_(m.bias)
+
     def select_queries(self, enc_ctx: Dict[str, torch.Tensor], cls_branch: nn.Module, reg_branch: nn.Module, num_queries: Optional[int] = None):
         """
         Two-stage mixed query selection.
@@ -363,12 +392,9 @@ class DINOTransformer(nn.Module):
             topk_logits: (B, K, num_classes) and topk_boxes: (B, K, 4) of the encoder proposals (not
             detached; they feed the encoder loss).
         """
-        memory, mask = enc_ctx["memory"], enc_ctx["mask_flatten"]
+        memory = enc_ctx["memory"]
         K = num_queries or self.num_queries
-        out_memory, proposals = encoder_output_proposals(memory, mask, enc_ctx.get("level_shapes", enc_ctx["spatial_shapes"]))
-        out_memory = self.enc_output_norm(self.enc_output(out_memory))
-        enc_logits = cls_branch(out_memory)
-        enc_coords_unact = reg_branch(out_memory) + proposals.to(out_memory.dtype)
+        enc_logits, enc_coords_unact = self.encoder_proposals(enc_ctx, cls_branch, reg_branch)
         K = min(K, enc_logits.shape[1])
         topk = enc_logits.max(-1)[0].topk(K, dim=1)[1]
         topk_logits = torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))
