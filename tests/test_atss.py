@@ -274,12 +274,13 @@ def test_normalisers_are_float32_under_bf16(monkeypatch):
 
     seen = []
 
-    def recording_reduce_mean(x):
-        seen.append(x.detach().clone())
-        return atss_reduce_mean(x)
+    def recording_normalizer(x, device=None):
+        out = real_normalizer(x, device)
+        seen.append(out.detach().clone())
+        return out
 
-    atss_reduce_mean = atss.reduce_mean
-    monkeypatch.setattr(atss, "reduce_mean", recording_reduce_mean)
+    real_normalizer = atss.all_reduce_normalizer
+    monkeypatch.setattr(atss, "all_reduce_normalizer", recording_normalizer)
     head = _small_head()
     g = torch.Generator().manual_seed(0)
     B, A = 2, 400

@@ -304,3 +304,21 @@ def test_tiny_co_deformable_detr_overfits_to_ap50(tmp_path):
     history = train_until_ap50(model, inputs, evaluator)
     print(f"\ntiny Co-Deformable-DETR overfit: history {history}")
     assert history[-1][1] >= 90.0, history
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_cuda_training_and_eval(amp_dtype):
+    torch.manual_seed(13)
+    model = tiny_co_deformable().to("cuda")
+    model.train()
+    with EventStorage(), torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+        losses = model(_batch(13))
+    assert all(torch.isfinite(v.float()) for v in losses.values())
+    sum(losses.values()).backward()
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.eval()
+    batch = [{k: v for k, v in x.items() if k != "instances"} for x in _batch(13)]
+    with torch.no_grad():
+        inst = model(batch)[0]["instances"]
+    assert inst.pred_boxes.tensor.device.type == "cuda" and torch.isfinite(inst.pred_boxes.tensor).all()

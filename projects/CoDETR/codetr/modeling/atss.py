@@ -22,28 +22,19 @@ import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from fvcore.nn import giou_loss, sigmoid_focal_loss
 from torch import Tensor, nn
 
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
-from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransformLinear
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
-from detectron2.utils import comm
 
-__all__ = ["ATSSAssigner", "ATSSHead", "Scale", "reduce_mean"]
+from .losses import all_reduce_normalizer
+from .neck import ConvNorm
 
-
-def reduce_mean(x: Tensor) -> Tensor:
-    """Mean of ``x`` over all processes (no-op when not distributed). No host sync."""
-    world_size = comm.get_world_size()
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / world_size
-    return x
+__all__ = ["ATSSAssigner", "ATSSHead", "Scale"]
 
 
 class ATSSAssigner:
@@ -126,7 +117,9 @@ class ATSSAssigner:
         thr = mean + var.sqrt()
         is_pos = (cand_ious >= thr[None]) & cand_valid
 
-        # centre of the candidate inside the GT
+        # centre of the candidate inside the GT, on the candidates only: detectron2's pairwise_point_box_distance
+        # would build (A, G, 4) for all anchors (68 MiB and ~1000x slower for 89k anchors x 50 GTs;
+        # tools/benchmark_reuse.py)
         cand_ctr = anchor_ctr[cand_idxs]  # (C, G, 2)
         ltrb = torch.cat([cand_ctr - gt_boxes[None, :, :2], gt_boxes[None, :, 2:] - cand_ctr], dim=-1)
         is_pos = is_pos & (ltrb.min(dim=-1).values > self.center_eps)
@@ -153,25 +146,15 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-class _ConvGN(nn.Module):
-    """3x3 conv (no bias) + GroupNorm + ReLU; submodule names ``conv`` / ``gn`` as the official ConvModule."""
-
-    def __init__(self, in_channels: int, out_channels: int, num_groups: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(num_groups, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.gn(self.conv(x)))
+# FCOS's box coder: (l, t, r, b) distances of an anchor's centre to a box's sides
+_LTRB = Box2BoxTransformLinear(normalize_by_size=False)
 
 
 def centerness_targets(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
     """sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) of anchor centres inside their GT boxes; (N, 4), (N, 4) -> (N,)."""
-    ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
-    lt = ctr - gt_boxes[:, :2]
-    rb = gt_boxes[:, 2:] - ctr
-    ratio = torch.minimum(lt, rb) / torch.maximum(lt, rb)
-    return torch.sqrt(ratio[:, 0] * ratio[:, 1])
+    ltrb = _LTRB.get_deltas(anchors, gt_boxes)
+    lr, tb = ltrb[:, 0::2], ltrb[:, 1::2]
+    return torch.sqrt(lr.min(dim=1).values / lr.max(dim=1).values * (tb.min(dim=1).values / tb.max(dim=1).values))
 
 
 class ATSSHead(nn.Module):
@@ -245,8 +228,8 @@ class ATSSHead(nn.Module):
         self.reg_convs = nn.ModuleList()
         for i in range(stacked_convs):
             c = in_channels if i == 0 else feat_channels
-            self.cls_convs.append(_ConvGN(c, feat_channels, num_gn_groups))
-            self.reg_convs.append(_ConvGN(c, feat_channels, num_gn_groups))
+            for towers in (self.cls_convs, self.reg_convs):
+                towers.append(ConvNorm(c, feat_channels, 3, num_groups=num_gn_groups, activation=F.relu, xavier_init=False))
         self.atss_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.atss_reg = nn.Conv2d(feat_channels, 4, 3, padding=1)
         self.atss_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1)
@@ -396,7 +379,7 @@ class ATSSHead(nn.Module):
         pos = labels < self.num_classes  # (B, A)
         # normaliser as mmdet: sum over images of max(#pos, 1), averaged over processes, >= 1
         # (float32 whatever the autocast dtype: bf16 would round counts above 256)
-        num_pos = reduce_mean(pos.sum(dim=1).clamp(min=1).sum().float()).clamp(min=1.0)
+        num_pos = all_reduce_normalizer(pos.sum(dim=1).clamp(min=1).sum())
 
         onehot = F.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].to(logits.dtype)
         loss_cls = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none")
@@ -408,7 +391,7 @@ class ATSSHead(nn.Module):
         pos_ctr_logits = ctrness[pos]
         ctr_t = centerness_targets(pos_anchors, pos_targets)
         pred_boxes = self.box2box_transform.apply_deltas(pos_deltas, pos_anchors)
-        ctr_norm = reduce_mean(ctr_t.float().sum()).clamp(min=1.0)
+        ctr_norm = all_reduce_normalizer(ctr_t.float().sum())
         if pos_deltas.shape[0] > 0:
             loss_bbox = (giou_loss(pred_boxes, pos_targets, reduction="none") * ctr_t).sum() / ctr_norm
             loss_ctr = F.binary_cross_entropy_with_logits(pos_ctr_logits, ctr_t, reduction="sum") / num_pos

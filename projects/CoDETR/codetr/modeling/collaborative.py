@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_chec
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
 from detectron2.structures import ImageList, Instances
 
@@ -90,10 +91,6 @@ def memory_to_maps(memory: Tensor, spatial_shapes: Tensor) -> List[Tensor]:
         # kernels, and a conv forward + backward on it is ~1.5x slower on the CPU (docs/collaborative.md)
         maps.append(chunk.transpose(1, 2).reshape(b, c, h, w).contiguous())
     return maps
-
-
-def _xyxy_to_cxcywh(b: Tensor) -> Tensor:
-    return torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], dim=-1)
 
 
 def get_aux_targets(
@@ -145,9 +142,9 @@ def get_aux_targets(
             neg_idx = neg_idx[:0]
         idx = torch.cat([pos_idx, neg_idx])
         factor = p["boxes"].new_tensor([w, h, w, h])
-        ref = _xyxy_to_cxcywh(p["boxes"][idx] / factor)
+        ref = box_convert(p["boxes"][idx] / factor, "xyxy", "cxcywh")
         lab = p["labels"][idx]
-        tgt = _xyxy_to_cxcywh(p["target_boxes"][idx] / factor)
+        tgt = box_convert(p["target_boxes"][idx] / factor, "xyxy", "cxcywh")
         feat = p["feats"][idx] if with_feats else None
         short = n - idx.numel()
         if short > 0:  # no negatives to pad with

@@ -20,16 +20,14 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 from torchvision.ops import box_convert
 
-from .losses import (
-    aligned_box_iou,
-    all_reduce_normalizer,
-    quality_focal_loss,
-    weighted_giou_loss,
-    weighted_l1_loss,
-)
+from detectron2.structures import Boxes
+from detectron2.structures.boxes import matched_pairwise_iou
+
+from .losses import all_reduce_normalizer, quality_focal_loss, weighted_giou_loss, weighted_l1_loss
 from .matcher import HungarianMatcher
 
 __all__ = ["DETRCriterion", "validate_targets", "layer_key"]
@@ -166,18 +164,17 @@ class DETRCriterion(nn.Module):
                 pos = labels < K
                 quality = torch.zeros_like(label_weights)
                 if bool(pos.any()):
-                    q = aligned_box_iou(
-                        box_convert(boxes[pos].detach(), "cxcywh", "xyxy"), box_convert(target_boxes[pos], "cxcywh", "xyxy")
+                    q = matched_pairwise_iou(
+                        Boxes(box_convert(boxes[pos].detach(), "cxcywh", "xyxy")),
+                        Boxes(box_convert(target_boxes[pos], "cxcywh", "xyxy")),
                     )
                     quality = quality.masked_scatter(pos, q)
                 cls = quality_focal_loss(logits, labels, quality, self.qfl_beta)
             else:
                 onehot = F.one_hot(labels, K + 1)[:, :K].to(torch.float32)
-                cls = F.binary_cross_entropy_with_logits(logits.float(), onehot, reduction="none")
-                p = logits.float().sigmoid()
-                p_t = p * onehot + (1 - p) * (1 - onehot)
-                a_t = self.focal_alpha * onehot + (1 - self.focal_alpha) * (1 - onehot)
-                cls = (a_t * cls * (1 - p_t).pow(self.focal_gamma)).sum(-1)
+                cls = sigmoid_focal_loss(
+                    logits.float(), onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+                ).sum(-1)
             loss_cls = (cls * label_weights).sum() / norm
             loss_bbox = weighted_l1_loss(boxes, target_boxes, box_weights) / norm
             loss_giou = weighted_giou_loss(boxes, target_boxes, box_weights) / norm

@@ -1,5 +1,5 @@
-"""Losses of the DINO query head: quality focal loss, sigmoid focal loss, L1 and GIoU helpers,
-and the all-reduced loss normaliser."""
+"""Losses of the query heads: quality focal loss, L1 and GIoU helpers, and the all-reduced loss normaliser (the
+sigmoid focal loss is fvcore's, re-exported)."""
 from typing import Optional, Union
 
 import torch
@@ -14,7 +14,6 @@ __all__ = [
     "sigmoid_focal_loss",
     "weighted_l1_loss",
     "weighted_giou_loss",
-    "aligned_box_iou",
 ]
 
 
@@ -68,16 +67,6 @@ def quality_focal_loss(
     target[pos_idx, labels[pos_idx]] = quality[pos_idx].float().to(target.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return (loss * (target - prob).abs().pow(beta)).sum(dim=1)
-
-
-def aligned_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """IoU of corresponding rows of two (N, 4) XYXY box tensors -> (N,)."""
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(-1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(-1)
-    return inter / (area1 + area2 - inter).clamp(min=eps)
 
 
 def weighted_l1_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -4,20 +4,26 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ChannelMapper"]
+__all__ = ["ChannelMapper", "ConvNorm"]
 
 
 class ConvNorm(nn.Module):
-    """Conv2d (no bias) + GroupNorm; submodule names ``conv`` and ``gn`` as in mmcv's ConvModule."""
+    """Conv2d (no bias) + GroupNorm (+ optional activation); submodule names ``conv`` and ``gn`` as mmcv's
+    ConvModule, so that official checkpoints load without renaming (detectron2's ``Conv2d(norm=...)`` would name
+    them ``weight`` / ``norm``). Used by the ChannelMapper neck and the ATSS head's towers. ``xavier_init``: the
+    neck's initialisation (the ATSS head initialises its convs itself)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, num_groups=32):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, num_groups=32, activation=None, xavier_init=True):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
         self.gn = nn.GroupNorm(num_groups, out_channels)
-        nn.init.xavier_uniform_(self.conv.weight)
+        self.activation = activation
+        if xavier_init:
+            nn.init.xavier_uniform_(self.conv.weight)
 
     def forward(self, x):
-        return self.gn(self.conv(x))
+        x = self.gn(self.conv(x))
+        return self.activation(x) if self.activation is not None else x
 
 
 class ChannelMapper(nn.Module):
