@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""What the collaborative hybrid assignment costs and buys: Co-DINO vs the DINO baseline.
+"""What the collaborative hybrid assignment costs and buys: Co-DINO vs DINO, Co-Deformable-DETR vs Deformable-DETR.
+
+``--pair dino`` (default) compares Co-DINO with the DINO baseline (variants ``codino`` / ``dino``, config
+configs/co_dino_r50.py); ``--pair deformable`` compares Co-Deformable-DETR with Deformable-DETR (variants
+``codeformable`` / ``deformable``, config configs/co_deformable_detr_r50.py). Below, "Co-DINO" / "DINO" stand for
+the pair's collaborative model and its baseline.
 
 Sub-commands (``all`` runs params, timing and eval; ``converge`` is separate because it trains):
 
@@ -21,6 +26,8 @@ Examples::
     python tools/benchmark_train.py all --device cpu --size 512 --batch 2 --iters 2
     python tools/benchmark_train.py timing --device cpu --size 384 --batch 2 --iters 3 --rounds 3
     python tools/benchmark_train.py converge --iters 300
+    python tools/benchmark_train.py timing --pair deformable --device cpu --size 384 --batch 2 --iters 2 --rounds 3
+    python tools/benchmark_train.py converge --pair deformable --iters 150 --seed 1
 """
 import argparse
 import copy
@@ -40,14 +47,21 @@ from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "co_dino_r50.py")
-INFERENCE_EXCLUDED = ("collaborative.", "query_head.transformer.aux_pos_trans", "query_head.label_embedding.")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+PAIRS = {  # pair -> (collaborative variant, baseline variant, default config)
+    "dino": ("codino", "dino", os.path.join(CONFIGS, "co_dino_r50.py")),
+    "deformable": ("codeformable", "deformable", os.path.join(CONFIGS, "co_deformable_detr_r50.py")),
+}
+BASELINES = {base for _, base, _ in PAIRS.values()}
+# training-only modules: the collaborative branch, the positive-query projections, DINO's denoising label embedding
+INFERENCE_EXCLUDED = ("collaborative.", "query_head.transformer.aux_pos_trans", "query_head.label_embedding.",
+                      "query_head.transformer.pos_feats_", "query_head.transformer.head_pos_embed")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def build_model(config, variant, device):
     cfg = LazyConfig.load(config)
-    if variant == "dino":
+    if variant in BASELINES:
         cfg.model.collaborative = None
         cfg.model.query_head.transformer.num_co_heads = 0
     model = instantiate(cfg.model).to(device)
@@ -82,11 +96,12 @@ def count_params(model):
 
 # ----------------------------------------------------------------------------------------------- sub-commands
 def cmd_params(args):
-    model = build_model(args.config, "codino", "cpu")
+    co_name, base_name, _ = PAIRS[args.pair]
+    model = build_model(args.config, co_name, "cpu")
     total, inference = count_params(model)
-    dino = build_model(args.config, "dino", "cpu")
-    dtotal, _ = count_params(dino)
-    res = {"codino_train_params": total, "codino_inference_params": inference, "dino_params": dtotal}
+    base = build_model(args.config, base_name, "cpu")
+    btotal, _ = count_params(base)
+    res = {f"{co_name}_train_params": total, f"{co_name}_inference_params": inference, f"{base_name}_params": btotal}
     print(json.dumps(res))
     return res
 
@@ -138,24 +153,27 @@ def _run_child(args, variant):
 def cmd_timing(args):
     """``--rounds`` rounds, each timing both variants in fresh processes (alternating which goes first, so that
     drifting machine load does not favour one); reports per-variant medians and the per-round ratios."""
+    co, base, _ = PAIRS[args.pair]
     rounds = []
     for r in range(args.rounds):
-        order = ("codino", "dino") if r % 2 == 0 else ("dino", "codino")
+        order = (co, base) if r % 2 == 0 else (base, co)
         got = {v: _run_child(args, v) for v in order}
         rounds.append(got)
-        print(f"round {r}: codino {got['codino']['iter_s']:.2f}s dino {got['dino']['iter_s']:.2f}s "
-              f"ratio {got['codino']['iter_s'] / got['dino']['iter_s']:.3f}", file=sys.stderr, flush=True)
-    co_t = [g["codino"]["iter_s"] for g in rounds]
-    dino_t = [g["dino"]["iter_s"] for g in rounds]
-    ratios = [c / d for c, d in zip(co_t, dino_t)]
-    co_m = float(np.median([g["codino"]["peak_mib"] for g in rounds]))
-    dino_m = float(np.median([g["dino"]["peak_mib"] for g in rounds]))
+        print(f"round {r}: {co} {got[co]['iter_s']:.2f}s {base} {got[base]['iter_s']:.2f}s "
+              f"ratio {got[co]['iter_s'] / got[base]['iter_s']:.3f} (load {os.getloadavg()[0]:.2f})",
+              file=sys.stderr, flush=True)
+    co_t = [g[co]["iter_s"] for g in rounds]
+    base_t = [g[base]["iter_s"] for g in rounds]
+    ratios = [c / d for c, d in zip(co_t, base_t)]
+    co_m = float(np.median([g[co]["peak_mib"] for g in rounds]))
+    base_m = float(np.median([g[base]["peak_mib"] for g in rounds]))
     res = {
         "device": args.device, "size": args.size, "batch": args.batch, "iters": args.iters, "rounds": args.rounds,
-        "codino_iter_s": float(np.median(co_t)), "dino_iter_s": float(np.median(dino_t)),
-        "iter_time_ratio": float(np.median(co_t) / np.median(dino_t)),
+        f"{co}_iter_s": float(np.median(co_t)), f"{base}_iter_s": float(np.median(base_t)),
+        "iter_time_ratio": float(np.median(co_t) / np.median(base_t)),
         "round_ratios": [round(x, 3) for x in ratios],
-        "codino_peak_mib": co_m, "dino_peak_mib": dino_m, "peak_memory_ratio": co_m / dino_m,
+        f"{co}_peak_mib": co_m, f"{base}_peak_mib": base_m, "peak_memory_ratio": co_m / base_m,
+        "load_avg_1min_end": os.getloadavg()[0],
     }
     print(json.dumps(res))
     return res
@@ -164,7 +182,7 @@ def cmd_timing(args):
 def cmd_eval(args):
     torch.manual_seed(0)
     dev = args.device
-    co = build_model(args.config, "codino", dev).eval()
+    co = build_model(args.config, PAIRS[args.pair][0], dev).eval()
     bare = copy.deepcopy(co)
     bare.collaborative = None  # the auxiliary modules detached; positive-query projections are unused in eval
     batch = random_batch(1, args.size, args.size, co.query_head.num_classes, seed=2)
@@ -226,13 +244,16 @@ def synthetic_images(n, h, w, num_classes, seed, max_objects=6):
     return data
 
 
-def small_model(num_classes, collaborative):
-    """Co-DINO with a small conv backbone (strides 8..32 + 1 extra level), width 128, 3+3 layers."""
+def small_model(num_classes, collaborative, pair="dino"):
+    """Co-DINO (pair "dino") or Co-Deformable-DETR (pair "deformable") with a small conv backbone (strides 8..32 + 1
+    extra level), width 128, 3+3 layers, 100 queries; ``collaborative=False``: the baseline."""
     from torch import nn
 
     from detectron2.modeling.backbone import Backbone
 
-    from codetr.modeling import ChannelMapper, CoDETR, DETRPostProcessor, DINOHead, DINOTransformer
+    from codetr.modeling import ChannelMapper, CoDETR, DETRCriterion, DETRPostProcessor, DINOHead, DINOTransformer
+    from codetr.modeling.deformable_detr_head import DeformableDETRHead
+    from codetr.modeling.deformable_transformer import DeformableDETRTransformer
     from codetr.modeling.atss import ATSSHead
     from codetr.modeling.collaborative import CollaborativeBranch
     from codetr.modeling.rcnn import RCNNBranch
@@ -259,9 +280,17 @@ def small_model(num_classes, collaborative):
     C = 128
     strides = (8, 16, 32, 64)
     neck = ChannelMapper(["c3", "c4", "c5"], [64, 64, 64], C, num_extra=1, kernel_size=1, num_groups=32)
-    transformer = DINOTransformer(embed_dim=C, num_heads=8, num_levels=4, num_points=4, num_encoder_layers=3,
-                                  num_decoder_layers=3, ffn_dim=512, num_queries=100, num_co_heads=2 if collaborative else 0)
-    head = DINOHead(transformer=transformer, num_classes=num_classes, num_dn_queries=30)
+    dims = dict(embed_dim=C, num_heads=8, num_levels=4, num_points=4, num_encoder_layers=3, num_decoder_layers=3,
+                ffn_dim=512, num_co_heads=2 if collaborative else 0)
+    if pair == "dino":
+        transformer = DINOTransformer(num_queries=100, **dims)
+        head = DINOHead(transformer=transformer, num_classes=num_classes, num_dn_queries=30)
+        post = DETRPostProcessor(max_per_img=100)
+    else:
+        crit = DETRCriterion(num_classes=num_classes, cls_loss="focal", loss_cls_weight=2.0, binary_encoder_labels=True)
+        head = DeformableDETRHead(transformer=DeformableDETRTransformer(**dims), num_classes=num_classes,
+                                  criterion=crit, num_queries=100)
+        post = DETRPostProcessor(max_per_img=100, soft_nms=False)
     collab = None
     if collaborative:
         w = 3 * 2.0  # num_decoder_layers * lambda_2
@@ -270,16 +299,17 @@ def small_model(num_classes, collaborative):
             aux_heads=[
                 RCNNBranch(num_classes=num_classes, in_channels=C, strides=aux_strides, num_roi_levels=4,
                            roi_finest_scale=112, fc_dim=256, loss_rpn_cls_weight=w, loss_rpn_bbox_weight=w,
-                           loss_cls_weight=w, loss_bbox_weight=10 * w),
+                           loss_cls_weight=w, loss_bbox_weight=10 * w, return_feats=pair == "deformable"),
                 ATSSHead(num_classes=num_classes, in_channels=C, feat_channels=C, strides=aux_strides,
-                         loss_cls_weight=w, loss_bbox_weight=2 * w, loss_centerness_weight=w),
+                         loss_cls_weight=w, loss_bbox_weight=2 * w, loss_centerness_weight=w,
+                         return_feats=pair == "deformable"),
             ],
             num_classes=num_classes,
             embed_dim=C,
         )
     return CoDETR(backbone=SmallBackbone(64), neck=neck, query_head=head, pixel_mean=[123.675, 116.28, 103.53],
                   pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, collaborative=collab,
-                  postprocessor=DETRPostProcessor(max_per_img=100))
+                  postprocessor=post)
 
 
 def coco_ap(model, data):
@@ -323,9 +353,10 @@ def cmd_converge(args):
     val = synthetic_images(args.num_val, h, w, num_classes, seed=1)
     res = {"iters": args.iters, "batch": args.batch, "num_train": args.num_train, "num_val": args.num_val,
            "seed": args.seed}
-    for name, collab in (("codino", True), ("dino", False)):
+    co, base, _ = PAIRS[args.pair]
+    for name, collab in ((co, True), (base, False)):
         torch.manual_seed(args.seed)  # same initial weights (where shared) for both models
-        model = small_model(num_classes, collab).to(args.device)
+        model = small_model(num_classes, collab, args.pair).to(args.device)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
         rng = np.random.default_rng(args.seed)  # same batches for both models
@@ -350,19 +381,23 @@ def cmd_converge(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["all", "params", "timing", "eval", "converge", "_timing_worker"])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--pair", default="dino", choices=sorted(PAIRS),
+                   help="dino: Co-DINO vs DINO; deformable: Co-Deformable-DETR vs Deformable-DETR")
+    p.add_argument("--config", default=None, help="config of the collaborative model (default: the pair's R50 config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, default=512, help="square training image size for timing/eval")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="timing: rounds of (Co-DINO, DINO) processes; medians are reported (use 3+ on a noisy machine)")
-    p.add_argument("--variant", default="codino", choices=["codino", "dino"])
+    p.add_argument("--variant", default="codino", choices=sorted({v for a, b, _ in PAIRS.values() for v in (a, b)}))
     p.add_argument("--num-train", type=int, default=64)
     p.add_argument("--num-val", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0, help="converge: initialisation and batch-order seed (the data is fixed)")
     args = p.parse_args(argv)
+    if args.config is None:
+        args.config = PAIRS[args.pair][2]
     if args.command == "_timing_worker":
         return worker_timing(args)
     if args.command == "converge":
