@@ -340,3 +340,38 @@ def test_head_leaves_its_transformer_and_criterion_as_given():
     assert head.criterion is crit and head.num_co_heads == 2 and len(t.aux_pos_trans) == 2
     with pytest.raises(ValueError, match="num_classes"):
         DINOHead(transformer=t, num_classes=4, criterion=crit)
+
+
+def test_postprocess_soft_nms_runs_on_num_query_candidates_then_keeps_max_per_img():
+    """Hand-built fixture (official order: top num_query candidates -> class-aware soft-NMS -> max_per_img):
+    400 queries, 2 classes; queries 0..299 are copies of one box with class-0 scores 0.95..0.8 (soft-NMS decays
+    every copy after the first to 0: IoU 1), queries 300..399 are disjoint boxes with class-1 scores 0.6..0.5 (ranks
+    301..400 of the 800 (query, class) pairs). With max_per_img=300 the detections are the best copy and then the
+    100 disjoint boxes, in score order: candidates beyond rank 300 survive."""
+    from codetr.modeling.postprocess import DETRPostProcessor
+
+    n = 400
+    prob = torch.full((1, n, 2), 1e-4)
+    prob[0, :300, 0] = torch.linspace(0.95, 0.8, 300)
+    prob[0, 300:, 1] = torch.linspace(0.6, 0.5, 100)
+    logits = torch.logit(prob.double()).float()
+    boxes = torch.zeros(1, n, 4)
+    boxes[0, :300] = torch.tensor([0.5, 0.5, 0.2, 0.2])  # cxcywh, normalised
+    i = torch.arange(100, dtype=torch.float32)
+    boxes[0, 300:, 0] = (i % 10) / 10 + 0.05
+    boxes[0, 300:, 1] = torch.div(i, 10, rounding_mode="floor") / 10 + 0.05
+    boxes[0, 300:, 2:] = 0.05  # a 10 x 10 grid of small disjoint boxes
+    sizes = torch.tensor([[200.0, 300.0]])
+    det = DETRPostProcessor(max_per_img=300)(logits, boxes, sizes)[0]
+    expected_scores = torch.cat([prob[0, :1, 0], prob[0, 300:, 1]])
+    assert det["labels"].tolist() == [0] + [1] * 100
+    torch.testing.assert_close(det["scores"], torch.sigmoid(logits[0, [0] + list(range(300, 400)), det["labels"]]))
+    torch.testing.assert_close(det["scores"], expected_scores, rtol=1e-6, atol=1e-7)
+    scale = torch.tensor([300.0, 200.0, 300.0, 200.0])
+    torch.testing.assert_close(det["boxes"][0], torch.tensor([0.4, 0.4, 0.6, 0.6]) * scale)
+    # the old order (top 300 pairs, then soft-NMS) could only return the cluster's first copy
+    old = DETRPostProcessor(max_per_img=300, num_candidates=300)(logits, boxes, sizes)[0]
+    assert old["labels"].tolist() == [0]
+    # more candidates than max_per_img survive: the cut to max_per_img applies after soft-NMS
+    cut = DETRPostProcessor(max_per_img=50)(logits, boxes, sizes)[0]
+    assert len(cut["scores"]) == 50 and torch.equal(cut["scores"], det["scores"][:50])

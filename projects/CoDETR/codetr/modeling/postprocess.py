@@ -1,5 +1,5 @@
 """DETRPostProcessor: a query head's raw outputs -> per-image detections (top-k, optional soft-NMS)."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -16,9 +16,15 @@ class DETRPostProcessor(nn.Module):
     normalisation size (clamped to it), then optionally class-aware soft-NMS (every official Co-DINO config;
     Co-Deformable-DETR uses none and keeps the top 100).
 
+    As the official head: without soft-NMS the top ``max_per_img`` (query, class) pairs are the detections; with
+    soft-NMS the top ``num_candidates`` pairs (default: as many as there are queries, the official ``num_query``,
+    900 for R50 / 1500 for ViT-L) go through soft-NMS and its first ``max_per_img`` are kept, so a candidate ranked
+    below ``max_per_img`` before soft-NMS can survive in place of a suppressed duplicate.
+
     Args:
         max_per_img: detections kept per image.
-        soft_nms: apply class-aware soft-NMS to the top-k, then keep ``max_per_img``.
+        soft_nms: apply class-aware soft-NMS to the top ``num_candidates``, then keep ``max_per_img``.
+        num_candidates: candidates given to soft-NMS (None: the number of queries N of the logits).
         soft_nms_iou_threshold / soft_nms_sigma / soft_nms_min_score / soft_nms_method: its settings
             (:func:`codetr.modeling.soft_nms.batched_soft_nms`).
     """
@@ -31,11 +37,15 @@ class DETRPostProcessor(nn.Module):
         soft_nms_sigma: float = 0.5,
         soft_nms_min_score: float = 1e-3,
         soft_nms_method: str = "linear",
+        num_candidates: Optional[int] = None,
     ):
         super().__init__()
         if max_per_img <= 0:
             raise ValueError(f"max_per_img must be positive, got {max_per_img}")
+        if num_candidates is not None and num_candidates <= 0:
+            raise ValueError(f"num_candidates must be positive or None, got {num_candidates}")
         self.max_per_img = max_per_img
+        self.num_candidates = num_candidates
         self.soft_nms = soft_nms
         self.soft_nms_cfg = dict(
             iou_threshold=soft_nms_iou_threshold, sigma=soft_nms_sigma, min_score=soft_nms_min_score, method=soft_nms_method
@@ -60,15 +70,16 @@ class DETRPostProcessor(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         The first step, batched and free of host syncs and data-dependent shapes (what ONNX / torch.export
-        graphs end with): the top ``max_per_img`` of the flattened (query x class) sigmoid scores, boxes to XYXY
-        pixels of ``image_sizes`` clamped to them.
+        graphs end with): the top k of the flattened (query x class) sigmoid scores, boxes to XYXY pixels of
+        ``image_sizes`` clamped to them; k = ``max_per_img`` without soft-NMS, ``num_candidates`` (default N) with it.
 
         Returns:
-            boxes (B, k, 4), scores (B, k) in decreasing order, labels (B, k) int64; k = min(max_per_img, N * K).
+            boxes (B, k, 4), scores (B, k) in decreasing order, labels (B, k) int64 (k at most N * K).
         """
         B, N, K = logits.shape
         prob = logits.float().sigmoid().flatten(1)
-        scores, idx = prob.topk(min(self.max_per_img, N * K), dim=1)
+        k = (self.num_candidates or N) if self.soft_nms else self.max_per_img
+        scores, idx = prob.topk(min(k, N * K), dim=1)
         labels = idx % K
         qidx = torch.div(idx, K, rounding_mode="floor")
         picked = boxes.float().gather(1, qidx[..., None].expand(-1, -1, 4))
