@@ -2,8 +2,9 @@
 // arg-max (lowest index on ties) and a parallel decay of the same-class scores. No host sync inside the kernel;
 // the host reads the number of kept boxes once, to size the outputs.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "soft_nms.h"
 
@@ -95,7 +96,7 @@ __global__ void soft_nms_kernel(
 std::vector<at::Tensor> soft_nms_cuda(
     const at::Tensor& boxes_in, const at::Tensor& scores, const at::Tensor& labels_in, double iou_threshold,
     double sigma, double min_score, bool gaussian) {
-  const at::cuda::CUDAGuard guard(boxes_in.device());
+  const c10::cuda::CUDAGuard guard(boxes_in.device());
   const at::Tensor boxes = boxes_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const int64_t n = boxes.size(0);
@@ -105,7 +106,7 @@ std::vector<at::Tensor> soft_nms_cuda(
   at::Tensor out = at::empty({n}, cur.options());
   at::Tensor count = at::zeros({1}, labels.options());
   if (n > 0) {
-    soft_nms_kernel<<<1, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    soft_nms_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         boxes.data_ptr<float>(), labels.data_ptr<int64_t>(), cur.data_ptr<float>(), picked.data_ptr<unsigned char>(),
         n, static_cast<float>(iou_threshold), static_cast<float>(sigma), static_cast<float>(min_score), gaussian,
         order.data_ptr<int64_t>(), out.data_ptr<float>(), count.data_ptr<int64_t>());
