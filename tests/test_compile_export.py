@@ -184,7 +184,8 @@ def test_detector_for_export_plus_merge_equals_model_forward(soft_nms):
     with torch.no_grad():
         boxes, scores, labels = wrapper(img)
         want = model([{"image": img[0]}, {"image": img[1]}])
-    k = min(model.postprocessor.max_per_img, 30 * 5)  # 30 queries x 5 classes
+    # 30 queries x 5 classes; with soft-NMS the official num_query (30) candidates, else the top max_per_img
+    k = min(30 if soft_nms else model.postprocessor.max_per_img, 30 * 5)
     assert boxes.shape == (2, k, 4) and scores.shape == labels.shape == (2, k)
     for i in range(2):
         got = model.postprocessor.merge(boxes[i], scores[i], labels[i])
