@@ -383,3 +383,33 @@ def test_encoder_proposals_mark_padding_and_edges():
     # cell (row 1, col 2) of level 0: centre ((2 + .5) / 3, (1 + .5) / 4), size 0.05
     torch.testing.assert_close(p[1, 2].sigmoid(), torch.tensor([2.5 / 3, 1.5 / 4, 0.05, 0.05]))
     torch.testing.assert_close(props[0, 16].sigmoid(), torch.tensor([0.25, 0.25, 0.1, 0.1]))
+
+
+def test_giou_loss_on_pixel_boxes_with_official_eps():
+    """Hand-built fixture where the eps shows: a 2 x 2 px box predicted exactly in a 1000 x 800 image. The official
+    loss (pixels, union and enclosure clamped at 1e-6) is 0; GIoU with eps 1e-7 added to the normalised area
+    (5e-6 / (5e-6 + 1e-7)) gave 0.0196. Elsewhere the pixel loss equals the float64 GIoU formula."""
+    from codetr.modeling.losses import giou_loss_elementwise
+
+    scale = torch.tensor([1000.0, 800.0, 1000.0, 800.0])
+    tiny = torch.tensor([[0.5, 0.5, 2 / 1000, 2 / 800]])  # cxcywh normalised
+    assert float(weighted_giou_loss(tiny, tiny, torch.ones(1), scale)) == pytest.approx(0.0, abs=1e-6)
+    from fvcore.nn import giou_loss
+    from torchvision.ops import box_convert
+
+    old = giou_loss(box_convert(tiny, "cxcywh", "xyxy"), box_convert(tiny, "cxcywh", "xyxy"), eps=1e-7)
+    assert float(old) == pytest.approx(1 - 5e-6 / (5e-6 + 1e-7), rel=1e-3)  # what the normalised form gave
+    # random boxes: pixel-scaled loss = float64 GIoU of the pixel boxes, with per-box scales
+    g = torch.Generator().manual_seed(7)
+    a, b = rand_boxes(6, g), rand_boxes(6, g)
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 3.0])
+    scales = torch.tensor([[640.0, 480.0, 640.0, 480.0]] * 3 + [[1333.0, 800.0, 1333.0, 800.0]] * 3)
+    ref = 0.0
+    for i in range(6):
+        pa = [x * s for x, s in zip(cxcywh_to_xyxy(a[i].tolist()), scales[i].tolist())]
+        pb = [x * s for x, s in zip(cxcywh_to_xyxy(b[i].tolist()), scales[i].tolist())]
+        ref += float(w[i]) * (1 - ref_giou(pa, pb)[0])
+    assert float(weighted_giou_loss(a, b, w, scales)) == pytest.approx(ref, rel=1e-5)
+    # degenerate boxes stay finite (the clamps)
+    z = torch.zeros(2, 4)
+    assert torch.isfinite(giou_loss_elementwise(z, z)).all()

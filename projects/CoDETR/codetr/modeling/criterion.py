@@ -141,6 +141,7 @@ class DETRCriterion(nn.Module):
         target_boxes: torch.Tensor,
         box_weights: torch.Tensor,
         num_pos,
+        image_sizes: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Weighted classification, L1 and GIoU losses of one layer, each divided by the all-reduced
@@ -150,7 +151,14 @@ class DETRCriterion(nn.Module):
             logits: (B, N, K); boxes: (B, N, 4) cxcywh; labels: (B, N) (K = background);
             label_weights: (B, N); target_boxes: (B, N, 4) cxcywh; box_weights: (B, N);
             num_pos: number of positive queries in the batch on this process (int or tensor).
+            image_sizes: (B, 2) (h, w) of the normalisation: the GIoU loss is computed on boxes scaled to these
+                pixels (eps 1e-6), as the official head; None: on the normalised boxes.
         """
+        B, N = boxes.shape[:2]
+        scale = None
+        if image_sizes is not None:
+            scale = image_sizes.to(boxes.device, torch.float32).flip(-1).repeat(1, 2)  # (B, 4) (w, h, w, h)
+            scale = scale[:, None, :].expand(B, N, 4).reshape(-1, 4)
         K = logits.shape[-1]
         logits = logits.reshape(-1, K)
         boxes = boxes.reshape(-1, 4).float()
@@ -177,7 +185,7 @@ class DETRCriterion(nn.Module):
                 ).sum(-1)
             loss_cls = (cls * label_weights).sum() / norm
             loss_bbox = weighted_l1_loss(boxes, target_boxes, box_weights) / norm
-            loss_giou = weighted_giou_loss(boxes, target_boxes, box_weights) / norm
+            loss_giou = weighted_giou_loss(boxes, target_boxes, box_weights, scale) / norm
         return loss_cls * self.loss_cls_weight, loss_bbox * self.loss_bbox_weight, loss_giou * self.loss_giou_weight
 
     def matched_targets(self, logits, boxes, targets):
@@ -197,12 +205,12 @@ class DETRCriterion(nn.Module):
         bweights[bidx, qidx] = 1.0
         return labels, torch.ones(B, N, device=device), tboxes, bweights, int(qidx.numel())
 
-    def match_loss(self, logits, boxes, targets):
+    def match_loss(self, logits, boxes, targets, image_sizes=None):
         """Hungarian matching then :meth:`loss_from_targets` for one layer (B, N, K) / (B, N, 4)."""
-        return self.loss_from_targets(logits, boxes, *self.matched_targets(logits, boxes, targets))
+        return self.loss_from_targets(logits, boxes, *self.matched_targets(logits, boxes, targets), image_sizes)
 
     # ------------------------------------------------------------------ the query kinds
-    def encoder_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets) -> Dict[str, torch.Tensor]:
+    def encoder_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets, image_sizes=None) -> Dict[str, torch.Tensor]:
         """
         Losses of the two-stage encoder proposals (keys ``enc_loss_cls``, ``enc_loss_bbox``, ``enc_loss_iou``).
 
@@ -212,9 +220,11 @@ class DETRCriterion(nn.Module):
         """
         if self.binary_encoder_labels:
             targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-        return {"enc_" + n: v for n, v in zip(LOSS_NAMES, self.match_loss(logits, boxes, targets))}
+        return {"enc_" + n: v for n, v in zip(LOSS_NAMES, self.match_loss(logits, boxes, targets, image_sizes))}
 
-    def decoder_losses(self, logits: torch.Tensor, boxes: torch.Tensor, targets, dn=None) -> Dict[str, torch.Tensor]:
+    def decoder_losses(
+        self, logits: torch.Tensor, boxes: torch.Tensor, targets, dn=None, image_sizes=None
+    ) -> Dict[str, torch.Tensor]:
         """
         Hungarian-matched losses of every decoder layer, and optionally the denoising queries' losses.
 
@@ -230,16 +240,18 @@ class DETRCriterion(nn.Module):
         losses = {}
         L = logits.shape[0]
         for lvl in range(L):
-            for n, v in zip(LOSS_NAMES, self.match_loss(logits[lvl], boxes[lvl], targets)):
+            for n, v in zip(LOSS_NAMES, self.match_loss(logits[lvl], boxes[lvl], targets, image_sizes)):
                 losses[layer_key(n, lvl, L)] = v
             if dn is not None:
                 dn_logits, dn_boxes, dn_targets = dn
-                for n, v in zip(LOSS_NAMES, self.loss_from_targets(dn_logits[lvl], dn_boxes[lvl], *dn_targets)):
+                dn_losses = self.loss_from_targets(dn_logits[lvl], dn_boxes[lvl], *dn_targets, image_sizes)
+                for n, v in zip(LOSS_NAMES, dn_losses):
                     losses[layer_key("dn_" + n, lvl, L)] = v
         return losses
 
     def positive_query_losses(
-        self, logits: torch.Tensor, boxes: torch.Tensor, targets: Dict[str, torch.Tensor], head_idx: int
+        self, logits: torch.Tensor, boxes: torch.Tensor, targets: Dict[str, torch.Tensor], head_idx: int,
+        image_sizes: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Losses of the positive queries of auxiliary head ``head_idx`` at every decoder layer, scaled by ``lambda_1``.
@@ -258,6 +270,6 @@ class DETRCriterion(nn.Module):
         losses = {}
         L = logits.shape[0]
         for lvl in range(L):
-            for n, v in zip(LOSS_NAMES, self.loss_from_targets(logits[lvl], boxes[lvl], *dense)):
+            for n, v in zip(LOSS_NAMES, self.loss_from_targets(logits[lvl], boxes[lvl], *dense, image_sizes)):
                 losses[layer_key(n, lvl, L, f"_aux{head_idx}")] = v * self.lambda_1
         return losses

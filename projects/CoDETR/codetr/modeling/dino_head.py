@@ -121,13 +121,14 @@ class DINOHead(DETRQueryHead):
             # keep the label embedding in the graph (DDP with find_unused_parameters=False)
             logits = logits + self.label_embedding.weight[0, 0] * 0.0
 
-        losses = self.criterion.encoder_losses(enc_logits, enc_boxes, targets)
+        sizes = enc_ctx["image_sizes"]  # the GIoU loss is computed in pixels of these sizes, as officially
+        losses = self.criterion.encoder_losses(enc_logits, enc_boxes, targets, image_sizes=sizes)
         # with P == 0 the denoising losses are zeros that still take part in the normaliser's all-reduce,
         # so that every process runs the same collectives whatever its ground truth
         dn_labels, dn_boxes, dn_w = self.dn_generator.dn_targets(targets, dn_meta, self.num_classes)
         dn_targets = (dn_labels, torch.ones_like(dn_w), dn_boxes, dn_w, sum(len(t["labels"]) for t in targets) * dn_meta["num_groups"])
         dn = (logits[:, :, :P], boxes[:, :, :P], dn_targets)
-        losses.update(self.criterion.decoder_losses(logits[:, :, P:], boxes[:, :, P:], targets, dn=dn))
+        losses.update(self.criterion.decoder_losses(logits[:, :, P:], boxes[:, :, P:], targets, dn=dn, image_sizes=sizes))
         return losses, enc_ctx
 
     # ------------------------------------------------------------------ positive queries (collaborative branch)
@@ -177,4 +178,5 @@ class DINOHead(DETRQueryHead):
         ref_boxes = queries["ref_boxes"]
         hidden, refs = self.decode(enc_ctx, self.aux_query_content(ref_boxes, head_idx), ref_boxes)
         logits, boxes = self.predict(hidden, refs)
-        return self.criterion.positive_query_losses(logits, boxes, queries, head_idx)
+        return self.criterion.positive_query_losses(logits, boxes, queries, head_idx,
+                                                    image_sizes=enc_ctx["image_sizes"])

@@ -5,7 +5,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fvcore.nn import giou_loss, sigmoid_focal_loss
+from fvcore.nn import sigmoid_focal_loss
 from torchvision.ops import box_convert
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "weighted_l1_loss",
     "weighted_giou_loss",
+    "giou_loss_elementwise",
 ]
 
 
@@ -74,14 +75,36 @@ def weighted_l1_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Te
     return ((pred.float() - target.float()).abs().sum(-1) * weights).sum()
 
 
-def weighted_giou_loss(pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def giou_loss_elementwise(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``1 - GIoU`` of corresponding rows of two (N, 4) XYXY tensors -> (N,), in the form of mmdet's ``GIoULoss``
+    (the official one): union and enclosing area each clamped to >= ``eps``. Use it on boxes in pixels: on
+    normalised boxes (areas ~1e-4) the eps would bias small boxes."""
+    lt = torch.max(pred[:, :2], target[:, :2])
+    rb = torch.min(pred[:, 2:], target[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    area_p = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area_t = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    union = (area_p + area_t - overlap).clamp(min=eps)
+    enclose_wh = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).clamp(min=0)
+    enclose = (enclose_wh[:, 0] * enclose_wh[:, 1]).clamp(min=eps)
+    return 1 - (overlap / union - (enclose - union) / enclose)
+
+
+def weighted_giou_loss(
+    pred_cxcywh: torch.Tensor, target_cxcywh: torch.Tensor, weights: torch.Tensor, scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Sum over boxes of ``weights * (1 - GIoU)``; boxes (N, 4) normalised cxcywh, weights (N,).
 
-    GIoU is invariant to separate x/y scaling, so normalised boxes give the same loss as boxes in pixels.
+    As the official loss, the boxes are first scaled to pixels by ``scale`` ((N, 4) or (4,): (w, h, w, h) of each
+    box's image; None: left normalised) and GIoU uses eps 1e-6 (:func:`giou_loss_elementwise`).
     """
     keep = weights > 0
     if not bool(keep.any()):
         return pred_cxcywh.sum() * 0.0
     p = box_convert(pred_cxcywh[keep].float(), "cxcywh", "xyxy")
     t = box_convert(target_cxcywh[keep].float(), "cxcywh", "xyxy")
-    return (giou_loss(p, t, reduction="none") * weights[keep]).sum()
+    if scale is not None:
+        s = scale.float().expand_as(pred_cxcywh)[keep]
+        p, t = p * s, t * s
+    return (giou_loss_elementwise(p, t) * weights[keep]).sum()
