@@ -2,8 +2,8 @@
 
 ``count_host_syncs()`` is a context manager yielding a ``collections.Counter`` of, per op, how often it ran:
 ``_local_scalar_dense`` (``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``, indexing with a 0-dim tensor),
-``nonzero`` (boolean-mask indexing, ``torch.nonzero``, ``torch.where(cond)``), ``masked_select``, ``unique``
-(dynamic output sizes) and ``tolist`` (``Tensor.tolist``, which on CPU tensors does not reach the dispatcher and is
+``nonzero`` (``torch.nonzero``, ``torch.where(cond)``), ``bool_index`` (indexing or index-assigning with a boolean
+mask: its kernel calls nonzero internally), ``masked_select``, ``unique`` (dynamic output sizes) and ``tolist`` (``Tensor.tolist``, which on CPU tensors does not reach the dispatcher and is
 patched instead). On a GPU each is a stall of the host on the stream; on a CPU the same calls are counted, so a CPU
 test bounds what a GPU run would sync.
 """
@@ -25,6 +25,10 @@ class _SyncCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
             self.counts[name] += 1
+        elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1 and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()
+        ):
+            self.counts["bool_index"] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -170,16 +170,16 @@ class DETRCriterion(nn.Module):
         with torch.autocast(device_type=logits.device.type, enabled=False):
             if self.cls_loss == "qfl":
                 pos = labels < K
-                quality = torch.zeros_like(label_weights)
-                if bool(pos.any()):
-                    q = matched_pairwise_iou(
-                        Boxes(box_convert(boxes[pos].detach(), "cxcywh", "xyxy")),
-                        Boxes(box_convert(target_boxes[pos], "cxcywh", "xyxy")),
-                    )
-                    quality = quality.masked_scatter(pos, q)
+                # the IoU of every query (no selection of the positives: no host sync), kept where positive;
+                # the predictions are detached, so whatever a background slot gives is never differentiated
+                q = matched_pairwise_iou(
+                    Boxes(box_convert(boxes.detach(), "cxcywh", "xyxy")),
+                    Boxes(box_convert(target_boxes, "cxcywh", "xyxy")),
+                )
+                quality = torch.where(pos, q, torch.zeros_like(q))
                 cls = quality_focal_loss(logits, labels, quality, self.qfl_beta)
             else:
-                onehot = F.one_hot(labels, K + 1)[:, :K].to(torch.float32)
+                onehot = (labels[:, None] == torch.arange(K, device=labels.device)).float()  # F.one_hot syncs
                 cls = sigmoid_focal_loss(
                     logits.float(), onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
                 ).sum(-1)

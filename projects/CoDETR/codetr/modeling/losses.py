@@ -62,10 +62,9 @@ def quality_focal_loss(
     logits = logits.float()
     prob = logits.sigmoid()
     num_classes = logits.shape[1]
-    target = torch.zeros_like(logits)
-    pos = labels < num_classes
-    pos_idx = pos.nonzero(as_tuple=True)[0]
-    target[pos_idx, labels[pos_idx]] = quality[pos_idx].float().to(target.dtype)
+    # one-hot of the label (none for background) times its quality: no index with a data-dependent size
+    onehot = (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(logits.dtype)
+    target = onehot * quality.float()[:, None]
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return (loss * (target - prob).abs().pow(beta)).sum(dim=1)
 
@@ -99,12 +98,11 @@ def weighted_giou_loss(
     As the official loss, the boxes are first scaled to pixels by ``scale`` ((N, 4) or (4,): (w, h, w, h) of each
     box's image; None: left normalised) and GIoU uses eps 1e-6 (:func:`giou_loss_elementwise`).
     """
-    keep = weights > 0
-    if not bool(keep.any()):
-        return pred_cxcywh.sum() * 0.0
-    p = box_convert(pred_cxcywh[keep].float(), "cxcywh", "xyxy")
-    t = box_convert(target_cxcywh[keep].float(), "cxcywh", "xyxy")
+    # every box, weighted (zero weights give exact zeros: the clamps keep degenerate rows finite), so that no
+    # data-dependent selection syncs the host
+    p = box_convert(pred_cxcywh.float(), "cxcywh", "xyxy")
+    t = box_convert(target_cxcywh.float(), "cxcywh", "xyxy")
     if scale is not None:
-        s = scale.float().expand_as(pred_cxcywh)[keep]
+        s = scale.float()
         p, t = p * s, t * s
-    return (giou_loss_elementwise(p, t) * weights[keep]).sum()
+    return (giou_loss_elementwise(p, t) * weights).sum()
