@@ -145,9 +145,8 @@ def test_coco_evaluator_counts_300_detections(tmp_path):
     assert aps[300] > 1.0  # found at 300 (after 150 false positives, hence the low precision)
 
 
-def test_lvis_max_dets_set_by_one_value(tmp_path):
+def test_lvis_max_dets_set_by_one_value(tmp_path, np_float):
     lvis = pytest.importorskip("lvis")
-    lvis_numpy_compat()
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     gt_path, gt = _synthetic_gt(tmp_path)
@@ -178,3 +177,19 @@ def test_evaluator_rejects_bad_values():
         build_detection_evaluator("no_such_dataset_xyz")
     with pytest.raises(ValueError, match="max_dets_per_image"):
         build_detection_evaluator("coco_2017_val", max_dets_per_image=0)
+
+
+@pytest.fixture
+def np_float():
+    """np.float for the lvis package's own evaluator, used here as the reference (scoped to the test)."""
+    with lvis_numpy_compat():
+        yield
+
+
+def test_np_float_alias_is_scoped_to_the_lvis_calls():
+    import numpy as np
+
+    assert "float" not in np.__dict__
+    with lvis_numpy_compat():
+        assert np.float is float
+    assert "float" not in np.__dict__

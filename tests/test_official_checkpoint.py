@@ -1,5 +1,6 @@
 """Official (mmdetection) Co-DETR checkpoints -> our parameter names: key layouts from the official code and from the
-official parameter list (/work/shared/spec/official-state-dict-co_dino_r50.tsv, copied as tests/data)."""
+official parameter list (the official Co-DINO R50 model's parameters and buffers, as tests/data/official-state-dict-
+co_dino_r50.tsv)."""
 import argparse
 import ast
 import os

@@ -10,6 +10,7 @@ applies to every task. Each task gets its own evaluator (boxes ranked by ``score
 when the model gives them, as the official Co-DINO-Inst evaluation); with an ``output_dir`` the predictions of
 the second task go to ``<output_dir>/<task>/``.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -22,11 +23,19 @@ from ..data.checks import check_dataset_registered
 __all__ = ["build_detection_evaluator", "lvis_numpy_compat"]
 
 
-def lvis_numpy_compat() -> None:
-    """The lvis package (0.5.3, its latest release) uses ``np.float``, which NumPy >= 1.24 removed, so
-    ``LVISEval`` fails with AttributeError. Restore the alias (to the builtin float, what it always meant)."""
-    if "float" not in np.__dict__:
+@contextlib.contextmanager
+def lvis_numpy_compat():
+    """Context in which ``np.float`` exists: the lvis package (0.5.3, its latest release) uses it, NumPy >= 1.24
+    removed it, so ``LVISEval`` fails with AttributeError. Inside, the alias is the builtin float (what it always
+    meant); on exit it is removed again, so the rest of the process sees NumPy unchanged."""
+    added = "float" not in np.__dict__
+    if added:
         np.float = float
+    try:
+        yield
+    finally:
+        if added:
+            del np.float
 
 
 _TASKS = ("bbox", "segm")
@@ -65,7 +74,9 @@ class _COCOEvaluator(_OneTask, COCOEvaluator):
 
 
 class _LVISEvaluator(_OneTask, LVISEvaluator):
-    pass
+    def evaluate(self):
+        with lvis_numpy_compat():  # scoped to the lvis calls
+            return super().evaluate()
 
 
 def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, output_dir=None,
@@ -100,8 +111,6 @@ def build_detection_evaluator(dataset_name: str, max_dets_per_image: int = 300, 
         # evaluator would write contiguous ids as category ids and silently score 0 AP
         DatasetCatalog.get(dataset_name)
     if evaluator_type in ("coco", "lvis"):
-        if evaluator_type == "lvis":
-            lvis_numpy_compat()
         cls = _LVISEvaluator if evaluator_type == "lvis" else _COCOEvaluator
         # one evaluator per task: boxes ranked by box scores, masks by mask scores (when the model has them)
         evaluators = [
