@@ -172,25 +172,45 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-def test_resume_is_bit_exact(tmp_path):
+TINY_RFS = os.path.join(pu.TESTS, "configs", "tiny_synthetic_rfs.py")
+TINY_CODETR = os.path.join(pu.TESTS, "configs", "tiny_codetr.py")
+
+
+@pytest.mark.parametrize("config,total", [(pu.TINY_CONFIG, 6), (TINY_RFS, 6), (TINY_CODETR, 2)],
+                         ids=["tiny-detector", "repeat-factor-sampler", "real-codetr"])
+def test_resume_is_bit_exact(tmp_path, config, total):
+    """An interrupted run resumed with --resume ends with the weights of an uninterrupted one, bit for bit: with
+    the default sampler, with repeat-factor sampling (its seed is drawn at random: the checkpoint carries it), and
+    with the real CoDETR (the demo model: denoising noise, RPN / RoI / ATSS / positive-query sampling)."""
     script = pu.load_train_script()
     parser = script.build_argument_parser()
-    common = ["--config-file", pu.TINY_CONFIG]
+    common = ["--config-file", config]
+    half = total // 2
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    script.main(parser.parse_args(common + [f"train.output_dir={full}", "train.max_iter=6"]))
-    script.main(parser.parse_args(common + [f"train.output_dir={part}", "train.max_iter=3"]))
+    script.main(parser.parse_args(common + [f"train.output_dir={full}", f"train.max_iter={total}"]))
+    script.main(parser.parse_args(common + [f"train.output_dir={part}", f"train.max_iter={half}"]))
     first_half = _weights(os.path.join(part, "model_final.pth"))
-    script.main(parser.parse_args(common + ["--resume", f"train.output_dir={part}", "train.max_iter=6"]))
+    script.main(parser.parse_args(common + ["--resume", f"train.output_dir={part}", f"train.max_iter={total}"]))
     a, b = _weights(os.path.join(full, "model_final.pth")), _weights(os.path.join(part, "model_final.pth"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    # the resumed run really trained further (not a reload of the 3-iteration weights)
-    assert not torch.equal(first_half["cls.weight"], b["cls.weight"])
-    # metrics.json of the resumed run continues at iteration 3..5
+    # the resumed run really trained further (not a reload of the first half's weights)
+    assert any(not torch.equal(first_half[k], b[k]) for k in b if b[k].is_floating_point())
+    # metrics.json of the resumed run continues at iteration half..total-1
     rows = [json.loads(line) for line in open(os.path.join(part, "metrics.json"))]
-    assert max(r["iteration"] for r in rows if "total_loss" in r) == 5
+    assert max(r["iteration"] for r in rows if "total_loss" in r) == total - 1
     assert any("bbox/AP" in r for r in rows)  # evaluated after training
+
+
+def test_resume_restores_the_repeat_factor_seed(tmp_path):
+    """Without the seed in the checkpoint a resumed repeat-factor run would draw a fresh random stream."""
+    ck = str(tmp_path / "rfs")
+    script = pu.load_train_script()
+    parser = script.build_argument_parser()
+    script.main(parser.parse_args(["--config-file", TINY_RFS, f"train.output_dir={ck}", "train.max_iter=2"]))
+    state = torch.load(os.path.join(ck, "model_final.pth"), map_location="cpu", weights_only=True)
+    assert state["sampler"]["sampler"] == "RepeatFactorTrainingSampler" and isinstance(state["sampler"]["seed"], int)
 
 
 def test_two_process_cpu_ddp_train_and_eval(tmp_path):
@@ -206,6 +226,59 @@ def test_two_process_cpu_ddp_train_and_eval(tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     assert max(r["iteration"] for r in rows if "total_loss" in r) == 2
     assert os.path.isfile(os.path.join(out, "model_final.pth"))
+
+
+def _ddp_run(out, *args, timeout=300):
+    cmd = [sys.executable, os.path.join(pu.ROOT, "tools", "lazyconfig_train_net.py"), *args[:-1], "--config-file",
+           TINY_CODETR, "--num-gpus", "2", "train.device=cpu", f"train.output_dir={out}",
+           "dataloader.train.total_batch_size=2", "train.checkpointer.period=1", *args[-1]]
+    proc = subprocess.run(cmd, env=pu.subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_process_ddp_resume_with_the_real_codetr_is_bit_exact(tmp_path):
+    """2 CPU processes, the real CoDETR: 2 iterations in one go equal 1 + resume 1 (each process's RNG state is
+    restored from the checkpoint: denoising noise and the auxiliary heads' sampling differ per process)."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    proc = _ddp_run(full, ["train.max_iter=2", "train.eval_period=0"])
+    assert "World size: 2" in open(os.path.join(full, "log.txt")).read()
+    assert "Final evaluation: bbox AP" in proc.stdout
+    _ddp_run(part, ["train.max_iter=1"])
+    rng = torch.load(os.path.join(part, "model_final.pth"), map_location="cpu", weights_only=True)["rng"]
+    assert len(rng["per_rank"]) == 2 and not torch.equal(rng["per_rank"][0]["torch"], rng["per_rank"][1]["torch"])
+    _ddp_run(part, "--resume", ["train.max_iter=2"])
+    a, b = _weights(os.path.join(full, "model_final.pth")), _weights(os.path.join(part, "model_final.pth"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_eval_only_with_a_damaged_checkpoint_names_the_file(tmp_path, damage):
+    """A checkpoint written by the script, cut in half or with bytes overwritten: a clear error naming the file
+    (not torch's advice to retry with weights_only=False)."""
+    from codetr.checkpoint import CheckpointFileError
+
+    script = pu.load_train_script()
+    parser = script.build_argument_parser()
+    out = str(tmp_path / "run")
+    script.main(parser.parse_args(["--config-file", pu.TINY_CONFIG, f"train.output_dir={out}", "train.max_iter=1"]))
+    data = open(os.path.join(out, "model_final.pth"), "rb").read()
+    bad = str(tmp_path / f"{damage}.pth")
+    with open(bad, "wb") as f:
+        if damage == "truncated":
+            f.write(data[: len(data) // 2])
+        else:
+            f.write(data[:64] + bytes(range(256)) * 8 + data[64 + 2048:])
+    with pytest.raises(CheckpointFileError, match=f"{bad}.*not a valid checkpoint.*truncated or corrupt"):
+        script.main(parser.parse_args(["--eval-only", "--config-file", pu.TINY_CONFIG,
+                                       f"train.output_dir={tmp_path / 'eval'}", f"train.init_checkpoint={bad}"]))
+    garbage = str(tmp_path / "garbage.pth")
+    with open(garbage, "wb") as f:
+        f.write(b"not a checkpoint at all\n" * 10)
+    with pytest.raises(CheckpointFileError, match="garbage.pth is not a valid checkpoint"):
+        script.main(parser.parse_args(["--eval-only", "--config-file", pu.TINY_CONFIG,
+                                       f"train.output_dir={tmp_path / 'eval'}", f"train.init_checkpoint={garbage}"]))
 
 
 def test_script_rejects_bad_config_before_training(tmp_path):

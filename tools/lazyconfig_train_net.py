@@ -43,6 +43,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "projects", "CoDETR"))
 
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -50,7 +51,7 @@ from detectron2.utils.registry import locate
 from torch.nn.parallel import DistributedDataParallel
 
 from codetr.checkpoint import CoDETRCheckpointer
-from codetr.data import ResumableTrainingSampler, check_dataset_registered, check_num_classes
+from codetr.data import ResumableSampler, check_dataset_registered, check_num_classes
 from codetr.data.checks import check_dataset_files
 from codetr.engine import CoDETRTrainer, ModelEMA, RNGState, launch
 
@@ -184,9 +185,10 @@ def do_test(cfg, model):
 
 
 def build_train_loader(cfg):
-    """Instantiate ``dataloader.train``; when its target takes ``dataset`` and ``sampler`` and no sampler is
-    configured, use a :class:`ResumableTrainingSampler` (so that ``--resume`` continues the data stream).
-    Returns (loader, sampler or None)."""
+    """Instantiate ``dataloader.train`` with its sampler wrapped in a :class:`ResumableSampler` (so that
+    ``--resume`` continues the data stream): the configured sampler (e.g. LVIS's repeat-factor sampling), or
+    detectron2's ``TrainingSampler`` seeded by ``train.seed`` when none is configured. Loaders whose target takes
+    no ``dataset`` / ``sampler`` are built as they are. Returns (loader, ResumableSampler or None)."""
     loader_cfg = cfg.dataloader.train
     target = loader_cfg.get("_target_")
     target = locate(target) if isinstance(target, str) else target
@@ -194,13 +196,26 @@ def build_train_loader(cfg):
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
         params = {}
-    if loader_cfg.get("sampler") is not None or "sampler" not in params or "dataset" not in loader_cfg:
+    if "sampler" not in params or "dataset" not in loader_cfg:
         return instantiate(loader_cfg), None
     kwargs = {k: instantiate(v) for k, v in loader_cfg.items() if k != "_target_"}
-    seed = int(_get(cfg, "train.seed", -1))
-    sampler = ResumableTrainingSampler(len(kwargs["dataset"]), shuffle=True, seed=seed if seed >= 0 else None)
-    kwargs["sampler"] = sampler
-    return target(**kwargs), sampler
+    sampler = kwargs.get("sampler")
+    if sampler is None:
+        seed = int(_get(cfg, "train.seed", -1))
+        sampler = TrainingSampler(len(kwargs["dataset"]), shuffle=True, seed=seed if seed >= 0 else None)
+    if not hasattr(sampler, "_seed"):
+        logger.warning(f"{type(sampler).__name__} is not a seeded detectron2 training sampler: --resume restarts "
+                       "its data stream")
+        return target(**kwargs), None
+    kwargs["sampler"] = ResumableSampler(sampler)
+    return target(**kwargs), kwargs["sampler"]
+
+
+def _checkpointer_args(cfg):
+    args = dict(cfg.train.checkpointer)
+    if not comm.is_main_process():
+        args["max_to_keep"] = None  # only the main process writes (and deletes) checkpoint files
+    return args
 
 
 def do_train(args, cfg):
@@ -229,7 +244,9 @@ def do_train(args, cfg):
         grad_accum_steps=_get(cfg, "train.grad_accum_steps", 1),
         ema=ema,
     )
-    checkpointables = {"rng": RNGState()}
+    checkpointables = {"rng": RNGState()}  # every process's generators (gathered when saving)
+    if sampler is not None:
+        checkpointables["sampler"] = sampler  # the data stream's seed
     if ema is not None:
         checkpointables["model_ema"] = ema
     checkpointer = CoDETRCheckpointer(model, cfg.train.output_dir, trainer=trainer, **checkpointables)
@@ -245,7 +262,8 @@ def do_train(args, cfg):
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+            # on every process: saving gathers each process's RNG state (only the main process writes)
+            hooks.PeriodicCheckpointer(checkpointer, **_checkpointer_args(cfg)),
             hooks.EvalHook(cfg.train.eval_period, test_and_save_results),
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                                  period=cfg.train.log_period)
@@ -254,6 +272,10 @@ def do_train(args, cfg):
         ]
     )
 
+    # Create the data loader's iterator now: torch's DataLoader draws a base seed from the global generator when its
+    # iterator is made, and that draw must come before the RNG state a resumed run restores (no data is read yet:
+    # the sampler's start index below still applies).
+    trainer._data_loader_iter  # noqa: B018
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if ema is not None and not ema.loaded:  # no EMA state in the checkpoint: average from the loaded weights
         ema.reset(model)

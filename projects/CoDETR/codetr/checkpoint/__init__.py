@@ -1,5 +1,5 @@
 """codetr.checkpoint: official (mmdet) checkpoint conversion and ``CoDETRCheckpointer`` (atomic saves)."""
-from .checkpointer import CoDETRCheckpointer, atomic_torch_save, atomic_write_text
+from .checkpointer import CheckpointFileError, CoDETRCheckpointer, atomic_torch_save, atomic_write_text
 from .official import (
     ConversionReport,
     OfficialCheckpointError,
@@ -12,6 +12,7 @@ from .official import (
 )
 
 __all__ = [
+    "CheckpointFileError",
     "CoDETRCheckpointer",
     "ConversionReport",
     "OfficialCheckpointError",

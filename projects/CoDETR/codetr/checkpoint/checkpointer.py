@@ -12,6 +12,7 @@ further by overriding ``_load_file``; saving stays atomic.
 import logging
 import os
 import tempfile
+import zipfile
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .official import OfficialCheckpointMixin
 
-__all__ = ["CoDETRCheckpointer", "atomic_torch_save", "atomic_write_text"]
+__all__ = ["CoDETRCheckpointer", "CheckpointFileError", "atomic_torch_save", "atomic_write_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,43 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_write(path, lambda f: f.write(text), "w")
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file that cannot be read because it is truncated or corrupt."""
+
+
+_CORRUPT_SIGNS = ("invalid load key", "ran out of input", "eof", "truncated", "central directory",
+                  "pytorchstreamreader", "unpickling", "bad zip", "not a zip")
+
+
+def _why_corrupt(filename: str, error: BaseException):
+    """A short reason when ``filename`` is damaged (empty, a truncated or damaged zip archive, bytes that are not a
+    pickle), else None (the file is intact and the load failed for another reason)."""
+    try:
+        size = os.path.getsize(filename)
+    except OSError:
+        return None
+    if size == 0:
+        return "the file is empty"
+    with open(filename, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # torch.save's zip format
+        if not zipfile.is_zipfile(filename):
+            return "a truncated zip archive (torch.save format) without its central directory"
+        try:
+            with zipfile.ZipFile(filename) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"a damaged zip archive ({e})"
+        return f"a damaged zip archive (member {bad!r} fails its CRC check)" if bad else None
+    text, e = [], error
+    while e is not None:  # the exception chain: torch wraps the unpickling error
+        text.append(str(e).lower())
+        e = e.__cause__ or e.__context__
+    if any(sign in t for t in text for sign in _CORRUPT_SIGNS):
+        return f"{size} bytes that do not unpickle ({type(error).__name__})"
+    return None
+
+
 class CoDETRCheckpointer(OfficialCheckpointMixin, DetectionCheckpointer):
     """:class:`detectron2.checkpoint.DetectionCheckpointer` whose ``save`` is atomic and whose ``load``
     also accepts official (mmdet) Co-DETR checkpoints (converted by :class:`OfficialCheckpointMixin`).
@@ -68,6 +106,25 @@ class CoDETRCheckpointer(OfficialCheckpointMixin, DetectionCheckpointer):
     Same constructor as ``DetectionCheckpointer(model, save_dir="", *, save_to_disk=None, **checkpointables)``.
     Non-local save folders (e.g. ``manifold://``) fall back to the parent's non-atomic save.
     """
+
+    def _load_file(self, filename: str):
+        """As detectron2's, but a truncated or corrupt file raises :class:`CheckpointFileError` naming it (torch's
+        own message would suggest ``weights_only=False``, which cannot help a damaged file)."""
+        try:
+            return super()._load_file(filename)
+        except Exception as e:
+            local = filename
+            try:
+                local = self.path_manager.get_local_path(filename)
+            except Exception:
+                pass
+            reason = _why_corrupt(local, e)
+            if reason is None:
+                raise
+            raise CheckpointFileError(
+                f"{filename} is not a valid checkpoint: {reason}. The file is truncated or corrupt (an interrupted "
+                "download, copy or save?); download or copy it again."
+            ) from e
 
     def _local_save_dir(self):
         if not self.save_dir:
@@ -79,6 +136,10 @@ class CoDETRCheckpointer(OfficialCheckpointMixin, DetectionCheckpointer):
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
+            # processes that do not write still take part in collective state dicts (RNGState gathers)
+            for obj in self.checkpointables.values():
+                if getattr(obj, "collective", False):
+                    obj.state_dict()
             return
         local_dir = self._local_save_dir()
         if local_dir is None or "://" in self.save_dir:

@@ -21,7 +21,7 @@ from .checks import (
 from .copy_paste import CopyPasteDataset, paste_instances
 from .coco_format import register_coco_dataset
 from .mapper import DetrDatasetMapper
-from .samplers import ResumableTrainingSampler
+from .samplers import ResumableSampler
 from .synthetic import (
     default_synthetic_root,
     ensure_synthetic_dataset,
