@@ -216,7 +216,7 @@ def test_resume_restores_the_repeat_factor_seed(tmp_path):
 def test_two_process_cpu_ddp_train_and_eval(tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, os.path.join(pu.ROOT, "tools", "lazyconfig_train_net.py"), "--config-file", pu.TINY_CONFIG,
-           "--num-gpus", "2", "train.device=cpu", f"train.output_dir={out}", "train.max_iter=3", "train.eval_period=3",
+           "--num-gpus", "2", "--dist-url", "auto", "train.device=cpu", f"train.output_dir={out}", "train.max_iter=3", "train.eval_period=3",
            "dataloader.train.total_batch_size=4"]
     proc = subprocess.run(cmd, env=pu.subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -230,7 +230,7 @@ def test_two_process_cpu_ddp_train_and_eval(tmp_path):
 
 def _ddp_run(out, *args, timeout=300):
     cmd = [sys.executable, os.path.join(pu.ROOT, "tools", "lazyconfig_train_net.py"), *args[:-1], "--config-file",
-           TINY_CODETR, "--num-gpus", "2", "train.device=cpu", f"train.output_dir={out}",
+           TINY_CODETR, "--num-gpus", "2", "--dist-url", "auto", "train.device=cpu", f"train.output_dir={out}",
            "dataloader.train.total_batch_size=2", "train.checkpointer.period=1", *args[-1]]
     proc = subprocess.run(cmd, env=pu.subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
