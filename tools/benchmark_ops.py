@@ -253,25 +253,17 @@ def main(argv=None):
         from codetr import _C
     except ImportError as e:
         sys.exit(f"codetr._C is not built ({e}); build it with `python3 setup.py build_ext --inplace`")
-    if args.op == "soft_nms":
-        if not hasattr(_C, "soft_nms"):
-            sys.exit("codetr._C has no soft-NMS kernel; rebuild it with `python3 setup.py build_ext --inplace`")
+    single = {"soft_nms": ("soft_nms", "soft-NMS kernel", main_soft_nms),
+              "roi_align": ("roi_align_forward", "RoIAlign kernels", main_roi_align)}
+    if args.op in single:
+        symbol, what, run = single[args.op]
+        if not hasattr(_C, symbol):
+            sys.exit(f"codetr._C has no {what}; rebuild it with `python3 setup.py build_ext --inplace`")
         print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs visible, "
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
         if hasattr(os, "getloadavg"):
             print("load average at start: %.2f %.2f %.2f" % os.getloadavg())
-        main_soft_nms(args)
-        if hasattr(os, "getloadavg"):
-            print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
-        return
-    if args.op == "roi_align":
-        if not hasattr(_C, "roi_align_forward"):
-            sys.exit("codetr._C has no RoIAlign kernels; rebuild it with `python3 setup.py build_ext --inplace`")
-        print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs visible, "
-              f"torch {torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
-        if hasattr(os, "getloadavg"):
-            print("load average at start: %.2f %.2f %.2f" % os.getloadavg())
-        main_roi_align(args)
+        run(args)
         if hasattr(os, "getloadavg"):
             print("load average at end: %.2f %.2f %.2f" % os.getloadavg())
         return
