@@ -67,7 +67,7 @@ class CheckpointFileError(ValueError):
 
 
 _CORRUPT_SIGNS = ("invalid load key", "ran out of input", "eof", "truncated", "central directory",
-                  "pytorchstreamreader", "unpickling", "bad zip", "not a zip")
+                  "pytorchstreamreader", "unsupported operand", "bad zip", "not a zip")
 
 
 def _why_corrupt(filename: str, error: BaseException):
@@ -90,6 +90,8 @@ def _why_corrupt(filename: str, error: BaseException):
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             return f"a damaged zip archive ({e})"
         return f"a damaged zip archive (member {bad!r} fails its CRC check)" if bad else None
+    if head[:1] != b"\x80":  # neither a zip archive nor a pickle (protocol >= 2 starts with 0x80)
+        return f"{size} bytes that are neither a torch.save archive nor a pickle"
     text, e = [], error
     while e is not None:  # the exception chain: torch wraps the unpickling error
         text.append(str(e).lower())
