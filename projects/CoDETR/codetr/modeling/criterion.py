@@ -19,7 +19,6 @@ box_weights (B, N), num_pos)``.
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 from torchvision.ops import box_convert
