@@ -76,6 +76,8 @@ setup(
     packages=find_packages(PKG_ROOT),
     python_requires=">=3.9",
     install_requires=["fvcore", "iopath", "matplotlib", "pycocotools", "scipy", "timm"],
+    # ONNX export and ONNX Runtime parity/benchmarks (tools/export_onnx.py, tools/benchmark_inference.py)
+    extras_require={"export": ["onnx", "onnxruntime", "onnxscript"]},
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,

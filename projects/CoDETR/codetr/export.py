@@ -9,15 +9,19 @@ post-processing (soft-NMS when the config uses it) is ``model.postprocessor.merg
 
 :func:`set_deform_attn_impl` switches every deformable-attention module of a model between the compiled
 kernels ("auto") and the ``grid_sample`` formulation ("pytorch", what ONNX export emits as standard ops).
+
+:func:`export_onnx` writes the ONNX model (deformable attention as standard ops, or with ``trt_plugin=True`` as one
+TensorRT ``MultiscaleDeformableAttnPlugin_TRT`` node per attention); :func:`onnx_parity` measures ONNX Runtime
+against PyTorch eager. ``tools/export_onnx.py`` runs both.
 """
-from typing import Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from codetr.layers import MultiScaleDeformableAttention
 
-__all__ = ["DetectorForExport", "set_deform_attn_impl"]
+__all__ = ["DetectorForExport", "set_deform_attn_impl", "export_onnx", "onnx_parity", "TRT_PLUGIN_OP"]
 
 
 def set_deform_attn_impl(model: nn.Module, impl: str) -> int:
@@ -44,7 +48,8 @@ class DetectorForExport(nn.Module):
 
     ``images``: (B, 3, H, W), uint8 or float, in ``model.input_format`` channel order, already resized;
     H and W must be multiples of ``model.size_divisibility`` (the model pads to them; here nothing is padded,
-    so each image counts as its full size, as :class:`CoDETR` does for an unpadded image).
+    so each image counts as its full size, as :class:`CoDETR` does for an unpadded image). A model with
+    ``square_pad`` (the LSJ test pipelines) takes images already padded to ``square_pad`` with ``pad_value``.
     """
 
     def __init__(self, model: nn.Module):
@@ -61,9 +66,129 @@ class DetectorForExport(nn.Module):
         if d > 1:
             torch._check(images.shape[2] % d == 0, lambda: f"image height must be a multiple of {d}")
             torch._check(images.shape[3] % d == 0, lambda: f"image width must be a multiple of {d}")
+        if getattr(m, "square_pad", 0):
+            p = m.square_pad
+            torch._check(images.shape[2] == p and images.shape[3] == p,
+                         lambda: f"the model pads to {p}x{p} (square_pad): give images padded to it with {m.pad_value}")
         B, _, H, W = images.shape
         x = (images.to(m.pixel_mean.dtype) - m.pixel_mean) / m.pixel_std
         masks = torch.zeros(B, H, W, dtype=torch.bool, device=x.device)
         sizes = torch.stack([torch.scalar_tensor(H), torch.scalar_tensor(W)]).to(x.device).expand(B, 2)
         logits, boxes = m.query_head(m.neck(m.backbone(x)), masks, None, sizes)
         return m.postprocessor.candidates(logits, boxes, sizes)
+
+
+# ---------------------------------------------------------------------------------------------------------- ONNX
+TRT_PLUGIN_OP = "MultiscaleDeformableAttnPlugin_TRT"
+TRT_PLUGIN_DOMAIN = "trt"
+
+
+def _trt_translation_table():
+    """``torch.ops.codetr.ms_deform_attn`` -> one ``MultiscaleDeformableAttnPlugin_TRT`` node (TensorRT's plugin:
+    inputs value (N, S, M, D), spatial_shapes (L, 2) int32, level_start_index (L,) int32, sampling_locations
+    (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P); output (N, Lq, M, D)), then a Reshape to (N, Lq, M*D)."""
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+    from onnxscript import opset18 as op
+
+    if not onnx.defs.has(TRT_PLUGIN_OP, TRT_PLUGIN_DOMAIN):
+        P = OpSchema.FormalParameter
+        onnx.defs.register_schema(
+            OpSchema(
+                TRT_PLUGIN_OP, TRT_PLUGIN_DOMAIN, 1,
+                doc="TensorRT's multi-scale deformable attention plugin (executed by TensorRT, not by ONNX Runtime)",
+                inputs=[P("value", "T"), P("spatial_shapes", "I"), P("level_start_index", "I"),
+                        P("sampling_locations", "T"), P("attention_weights", "T")],
+                outputs=[P("output", "T")],
+                type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("I", ["tensor(int32)"], "")],
+            )
+        )
+    trt = onnxscript.values.Opset(TRT_PLUGIN_DOMAIN, 1)
+    int32 = onnx.TensorProto.INT32
+
+    def ms_deform_attn_trt(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        out = getattr(trt, TRT_PLUGIN_OP)(
+            value, op.Cast(spatial_shapes, to=int32), op.Cast(level_start_index, to=int32), sampling_locations,
+            attention_weights,
+        )
+        return op.Reshape(out, op.Concat(op.Shape(out, start=0, end=2), op.Constant(value_ints=[-1]), axis=0))
+
+    return {torch.ops.codetr.ms_deform_attn.default: ms_deform_attn_trt}
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str,
+    example: torch.Tensor,
+    dynamic: bool = True,
+    trt_plugin: bool = False,
+    opset: int = 18,
+    metadata: Optional[Dict[str, str]] = None,
+) -> str:
+    """
+    Export ``DetectorForExport(model)`` to ONNX at ``path`` (the torch.export-based exporter): input ``images``
+    (B, 3, H, W) uint8, outputs ``boxes`` (B, k, 4), ``scores`` (B, k), ``labels`` (B, k).
+
+    Args:
+        model: a CoDETR in eval mode (not modified: its attention modules get their ``impl`` back afterwards).
+        example: an example ``images`` batch (with ``dynamic``, B >= 2: a batch of 1 would fix the batch size).
+        dynamic: batch, H and W dynamic (H, W multiples of ``model.size_divisibility``); else all fixed to ``example``.
+        trt_plugin: one ``MultiscaleDeformableAttnPlugin_TRT`` node (domain "trt") per attention, for TensorRT
+            (ONNX Runtime cannot run it); default: standard ops (``GridSample``), which ONNX Runtime runs.
+        metadata: key -> value strings stored in the model's ``metadata_props``.
+    """
+    import onnx
+
+    wrapper = DetectorForExport(model).eval()
+    attn = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    saved = [m.impl for m in attn]
+    set_deform_attn_impl(model, "auto" if trt_plugin else "pytorch")
+    dynamic_shapes = None
+    if dynamic:
+        if example.shape[0] < 2:
+            raise ValueError("a dynamic export needs an example batch of at least 2 images (a batch of 1 fixes B = 1)")
+        d = max(1, model.size_divisibility)
+        h = torch.export.Dim("h", min=1, max=max(example.shape[2] // d * 4, 4096 // d))
+        w = torch.export.Dim("w", min=1, max=max(example.shape[3] // d * 4, 4096 // d))
+        dynamic_shapes = {"images": {0: torch.export.Dim("batch", min=1, max=64), 2: d * h, 3: d * w}}
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, (example,), None, dynamo=True, input_names=["images"], output_names=["boxes", "scores", "labels"],
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=not trt_plugin,
+                custom_translation_table=_trt_translation_table() if trt_plugin else None,
+            )
+    finally:
+        for m, impl in zip(attn, saved):
+            m.impl = impl
+    proto = program.model_proto
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(k), str(v)
+    onnx.save(proto, path)
+    return path
+
+
+def onnx_parity(onnx_path: str, model: nn.Module, images: List[torch.Tensor], box_tol: float = 1.0) -> Dict[str, float]:
+    """
+    ONNX Runtime (CPU) against PyTorch eager (``DetectorForExport(model)``) on the same ``images`` (each a
+    (1, 3, H, W) uint8 batch): the largest absolute difference of the candidates' boxes (pixels) and scores, and
+    the top-k agreement: the fraction of ranks whose label is the same and whose box is within ``box_tol`` px.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    wrapper = DetectorForExport(model).eval()
+    box_diff, score_diff, agree, total = 0.0, 0.0, 0, 0
+    for img in images:
+        with torch.no_grad():
+            ref = wrapper(img)
+        got = [torch.from_numpy(a) for a in session.run(None, {"images": img.numpy()})]
+        db = (got[0] - ref[0]).abs()
+        box_diff = max(box_diff, float(db.max()))
+        score_diff = max(score_diff, float((got[1] - ref[1]).abs().max()))
+        same = (got[2] == ref[2]) & (db.amax(-1) <= box_tol)
+        agree += int(same.sum())
+        total += same.numel()
+    return dict(max_abs_box_px=box_diff, max_abs_score=score_diff, topk_agreement=agree / max(total, 1), images=len(images))

@@ -50,6 +50,8 @@ class CoDETR(nn.Module):
         eval_module: which head makes the detections in eval mode: "detr" (the one-to-one query head, default),
             or "atss" / "rcnn" (an auxiliary head of ``collaborative``, to debug it; official 'one-stage' /
             'two-stage' eval modes).
+        test_time_aug: optional :class:`codetr.modeling.tta.TestTimeAugmentation` (flip x test scales, merged by
+            the post-processor); used in eval with ``eval_module="detr"``. ``None``: single-scale test.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class CoDETR(nn.Module):
         eval_module: str = "detr",
         postprocessor: Optional[nn.Module] = None,
         mask_branch: Optional[nn.Module] = None,
+        test_time_aug=None,
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -86,6 +89,11 @@ class CoDETR(nn.Module):
         if eval_module != "detr" and collaborative is None:
             raise ValueError(f"eval_module={eval_module!r} needs the collaborative branch (collaborative is None)")
         self.eval_module = eval_module
+        if test_time_aug is not None and eval_module != "detr":
+            raise ValueError("test_time_aug needs eval_module='detr' (it merges the query head's candidates)")
+        if test_time_aug is not None and mask_branch is not None:
+            raise ValueError("test_time_aug merges boxes only: it cannot be combined with a mask branch")
+        self.test_time_aug = test_time_aug
         self.input_format = input_format
         self.with_attn_mask = with_attn_mask
         self.size_divisibility = size_divisibility
@@ -156,7 +164,17 @@ class CoDETR(nn.Module):
             )
         return targets
 
+    @torch.no_grad()
+    def detection_candidates(self, batched_inputs: List[Dict]):
+        """Eval: the post-processor's first step on the inputs as given (no rescaling to "height"/"width"):
+        ``(boxes (B, k, 4) XYXY pixels of each input image, scores (B, k), labels (B, k))``."""
+        images, masks, norm_sizes = self.preprocess_image(batched_inputs)
+        logits, boxes = self.query_head(self.neck(self.backbone(images.tensor)), masks, None, norm_sizes)
+        return self.postprocessor.candidates(logits, boxes, norm_sizes)
+
     def forward(self, batched_inputs: List[Dict]):
+        if not self.training and self.test_time_aug is not None:
+            return self.test_time_aug(self, batched_inputs)
         images, masks, norm_sizes = self.preprocess_image(batched_inputs)
         if self.training:
             for i, x in enumerate(batched_inputs):
