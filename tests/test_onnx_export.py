@@ -35,6 +35,7 @@ def test_export_tool_parity_demo_model(tmp_path, capsys):
         "--config-file", os.path.join(ROOT, "configs", "demo", "co_dino_synthetic.py"), "--checkpoint", "",
         "--output", out, "--static", "--image-size", "128", "192", "--parity-images", "1",
     ])
+    assert torch.is_grad_enabled()  # the tool must not leave autograd switched off in the caller
     printed = capsys.readouterr().out
     with capsys.disabled():
         print("\n" + printed)

@@ -139,9 +139,9 @@ def post_step_parity(onnx_path, model, images, soft_nms):
     return dict(max_abs_box_px=box_diff, max_abs_score=score_diff, images_with_same_count=same_count, soft_nms=soft_nms)
 
 
+@torch.no_grad()
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
