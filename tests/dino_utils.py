@@ -127,3 +127,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_dab(num_classes=3, num_queries=20, num_co_heads=0, embed_dim=64, layers=2, width=32, feature="p2", **crit_kw):
+    """A (Co-)DAB-DETR CoDETR small enough for CPU tests: one map (``feature`` of TinyBackbone: "p2" stride 8) through
+    a 1x1 projection, the DAB transformer, DAB-DETR's criterion (focal 1 / L1 5 / GIoU 2); top-100, no NMS."""
+    from codetr.modeling import DABDETRHead, DABTransformer, InputProjection
+
+    transformer = DABTransformer(embed_dim=embed_dim, num_heads=4, num_encoder_layers=layers, num_decoder_layers=layers,
+                                 ffn_dim=2 * embed_dim, num_queries=num_queries)
+    crit = dict(cls_loss="focal", loss_cls_weight=1.0, loss_bbox_weight=5.0, loss_giou_weight=2.0)
+    crit.update(crit_kw)
+    head = DABDETRHead(transformer=transformer, num_classes=num_classes, num_co_heads=num_co_heads,
+                       criterion=DETRCriterion(num_classes=num_classes, **crit))
+    return CoDETR(
+        backbone=TinyBackbone(width), neck=InputProjection(feature, width, embed_dim), query_head=head,
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375], size_divisibility=32,
+        postprocessor=DETRPostProcessor(max_per_img=100, soft_nms=False),
+    )

@@ -20,8 +20,9 @@ AUX_HEAD_KEYS = {
 }
 
 
-def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32, return_feats=False):
-    """Aux heads on the tiny model's 4 encoder levels (strides 4..32) + the extra stride-64 map."""
+def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32, return_feats=False, **branch_kwargs):
+    """Aux heads on the tiny model's 4 encoder levels (strides 4..32) + the extra stride-64 map; ``branch_kwargs``
+    go to the CollaborativeBranch (``adapter``, ``extra_map``: a single-scale DETR's pyramid of the same strides)."""
     strides = (4, 8, 16, 32, 64)
     return CollaborativeBranch(
         aux_heads=[
@@ -37,6 +38,7 @@ def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32, 
         num_classes=num_classes,
         embed_dim=embed_dim,
         num_gn_groups=num_gn_groups,
+        **branch_kwargs,
     )
 
 

@@ -70,13 +70,13 @@ def overfit_evaluator(name, dicts, output_dir):
     return COCOEvaluator(name, tasks=("bbox",), distributed=False, output_dir=str(output_dir), max_dets_per_image=300)
 
 
-def train_until_ap50(model, inputs, evaluator, target=90.0, max_iters=MAX_ITERS):
-    """AdamW (lr 2e-3) on ``inputs`` until AP50 >= target (checked every 10 iterations from the 30th).
+def train_until_ap50(model, inputs, evaluator, target=90.0, max_iters=MAX_ITERS, lr=2e-3):
+    """AdamW (lr 2e-3 unless given) on ``inputs`` until AP50 >= target (checked every 10 iterations from the 30th).
 
     Returns the history [(iteration, AP50, AP), ...]. Runs under an EventStorage (detectron2's RPN/RoI heads log).
     """
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     history = []
     with EventStorage():
         for it in range(1, max_iters + 1):

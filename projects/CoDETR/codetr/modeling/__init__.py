@@ -2,11 +2,13 @@
 from .denoising import CdnQueryGenerator, build_dn_attn_mask, inverse_sigmoid
 from .collaborative import CollaborativeBranch, CollaborativeQueryHead
 from .criterion import DETRCriterion, validate_targets
+from .dab_detr_head import DABDETRHead
+from .dab_transformer import DABTransformer
 from .dino_head import DINOHead
 from .losses import all_reduce_normalizer, quality_focal_loss
 from .matcher import HungarianMatcher
 from .meta_arch import CoDETR
-from .neck import ChannelMapper
+from .neck import ChannelMapper, InputProjection
 from .postprocess import DETRPostProcessor
 from .position_encoding import PositionEmbeddingSine, box_sine_embed
 from .soft_nms import batched_soft_nms
@@ -21,6 +23,9 @@ __all__ = [
     "DINOHead",
     "DINOTransformer",
     "ChannelMapper",
+    "DABDETRHead",
+    "DABTransformer",
+    "InputProjection",
     "HungarianMatcher",
     "CdnQueryGenerator",
     "PositionEmbeddingSine",

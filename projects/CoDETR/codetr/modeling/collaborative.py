@@ -209,6 +209,13 @@ class CollaborativeBranch(nn.Module):
         super().__init__()
         if len(aux_heads) == 0:
             raise ValueError("CollaborativeBranch: aux_heads is empty")
+        for i, head in enumerate(aux_heads):
+            index = getattr(head, "head_index", i)
+            if index != i:
+                raise ValueError(
+                    f"CollaborativeBranch: aux_heads[{i}] ({type(head).__name__}) has head_index={index}: each head's "
+                    "head_index must be its position in the list (it names its loss keys)"
+                )
         self.aux_heads = nn.ModuleList(aux_heads)
         self.num_classes = num_classes
         self.min_queries = min_queries

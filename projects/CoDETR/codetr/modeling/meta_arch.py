@@ -81,6 +81,14 @@ class CoDETR(nn.Module):
         self.query_head = query_head
         self.postprocessor = postprocessor if postprocessor is not None else DETRPostProcessor()
         self.collaborative = collaborative
+        num_co_heads = getattr(query_head, "num_co_heads", None)
+        aux_heads = getattr(collaborative, "aux_heads", None)
+        with_pos_queries = getattr(collaborative, "with_pos_queries", True)
+        if num_co_heads is not None and aux_heads is not None and with_pos_queries and num_co_heads != len(aux_heads):
+            raise ValueError(
+                f"the query head has {num_co_heads} positive-query projections (num_co_heads) but the collaborative "
+                f"branch has {len(aux_heads)} auxiliary heads: set num_co_heads to the number of auxiliary heads"
+            )
         self.mask_branch = mask_branch
         if mask_branch is not None and eval_module != "detr":
             raise ValueError("the mask branch runs on the query head's detections: eval_module must be 'detr'")

@@ -4,7 +4,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ChannelMapper", "ConvNorm"]
+__all__ = ["ChannelMapper", "ConvNorm", "InputProjection"]
 
 
 class ConvNorm(nn.Module):
@@ -81,3 +81,28 @@ class ChannelMapper(nn.Module):
             last = conv(last)
             outs.append(last)
         return outs
+
+
+class InputProjection(nn.Module):
+    """The neck of a single-scale DETR (DETR / DAB-DETR ``input_proj``): one backbone map through a 1x1 conv with
+    bias (no norm) to the transformer width.
+
+    Args:
+        in_feature: name of the backbone output (DAB-DETR: "res5").
+        in_channels: its channel count (ResNet-50 C5: 2048).
+        out_channels: the transformer width.
+    """
+
+    def __init__(self, in_feature: str, in_channels: int, out_channels: int = 256):
+        super().__init__()
+        self.in_feature = in_feature
+        self.out_channels = out_channels
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    @property
+    def num_outs(self) -> int:
+        return 1
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """features: backbone outputs by name -> [(B, out_channels, h, w)] of ``in_feature``."""
+        return [self.proj(features[self.in_feature])]
