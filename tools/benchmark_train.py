@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""What the collaborative hybrid assignment costs and buys: Co-DINO vs DINO, Co-Deformable-DETR vs Deformable-DETR.
+"""What the collaborative hybrid assignment costs and buys: Co-DINO vs DINO, Co-Deformable-DETR vs Deformable-DETR,
+Co-DAB-DETR vs DAB-DETR.
 
 ``--pair dino`` (default) compares Co-DINO with the DINO baseline (variants ``codino`` / ``dino``, config
 configs/co_dino_r50.py); ``--pair deformable`` compares Co-Deformable-DETR with Deformable-DETR (variants
-``codeformable`` / ``deformable``, config configs/co_deformable_detr_r50.py). Below, "Co-DINO" / "DINO" stand for
+``codeformable`` / ``deformable``, config configs/co_deformable_detr_r50.py); ``--pair dab`` compares Co-DAB-DETR with
+DAB-DETR (``codab`` / ``dab``, configs/co_dab_detr_r50.py). Co-DINO with other auxiliary heads: ``--config
+configs/co_dino_r50_atss_fcos.py`` (timing, params, eval) and ``converge --aux-heads atss,fcos``. Below, "Co-DINO" / "DINO" stand for
 the pair's collaborative model and its baseline.
 
 Sub-commands (``all`` runs params, timing and eval; ``converge`` is separate because it trains):
@@ -28,6 +31,9 @@ Examples::
     python tools/benchmark_train.py converge --iters 300
     python tools/benchmark_train.py timing --pair deformable --device cpu --size 384 --batch 2 --iters 2 --rounds 3
     python tools/benchmark_train.py converge --pair deformable --iters 150 --seed 1
+    python tools/benchmark_train.py converge --pair dab --iters 300 --seed 0
+    python tools/benchmark_train.py converge --aux-heads rcnn,atss,fcos --skip-baseline --iters 150 --seed 0
+    python tools/benchmark_train.py timing --config configs/co_dino_r50_3heads.py --device cpu --size 256 --batch 1
 """
 import argparse
 import copy
@@ -51,10 +57,12 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PAIRS = {  # pair -> (collaborative variant, baseline variant, default config)
     "dino": ("codino", "dino", os.path.join(CONFIGS, "co_dino_r50.py")),
     "deformable": ("codeformable", "deformable", os.path.join(CONFIGS, "co_deformable_detr_r50.py")),
+    "dab": ("codab", "dab", os.path.join(CONFIGS, "co_dab_detr_r50.py")),
 }
 BASELINES = {base for _, base, _ in PAIRS.values()}
 # training-only modules: the collaborative branch, the positive-query projections, DINO's denoising label embedding
 INFERENCE_EXCLUDED = ("collaborative.", "query_head.transformer.aux_pos_trans", "query_head.label_embedding.",
+                      "query_head.aux_pos_trans",
                       "query_head.transformer.pos_feats_", "query_head.transformer.head_pos_embed")
 
 
@@ -63,7 +71,8 @@ def build_model(config, variant, device):
     cfg = LazyConfig.load(config)
     if variant in BASELINES:
         cfg.model.collaborative = None
-        cfg.model.query_head.transformer.num_co_heads = 0
+        qh = cfg.model.query_head
+        (qh if "num_co_heads" in qh else qh.transformer).num_co_heads = 0  # DAB-DETR: on the head
     model = instantiate(cfg.model).to(device)
     return model
 
@@ -244,9 +253,11 @@ def synthetic_images(n, h, w, num_classes, seed, max_objects=6):
     return data
 
 
-def small_model(num_classes, collaborative, pair="dino"):
-    """Co-DINO (pair "dino") or Co-Deformable-DETR (pair "deformable") with a small conv backbone (strides 8..32 + 1
-    extra level), width 128, 3+3 layers, 100 queries; ``collaborative=False``: the baseline."""
+def small_model(num_classes, collaborative, pair="dino", aux_heads=("rcnn", "atss")):
+    """Co-DINO (pair "dino"), Co-Deformable-DETR ("deformable") or Co-DAB-DETR ("dab") with a small conv backbone
+    (strides 8..32 + 1 extra level; DAB-DETR: its one stride-16 map, whose adapter pyramid gives the aux heads
+    strides 8..128), width 128, 3+3 layers, 100 queries; ``collaborative=False``: the baseline. ``aux_heads``: the
+    auxiliary heads in order, from "rcnn", "atss", "fcos", "retinanet" (Co-DINO / Co-DAB-DETR)."""
     from torch import nn
 
     from detectron2.modeling.backbone import Backbone
@@ -255,7 +266,12 @@ def small_model(num_classes, collaborative, pair="dino"):
     from codetr.modeling.deformable_detr_head import DeformableDETRHead
     from codetr.modeling.deformable_transformer import DeformableDETRTransformer
     from codetr.modeling.atss import ATSSHead
+    from codetr.modeling.adapter import MultiScaleAdapter
     from codetr.modeling.collaborative import CollaborativeBranch
+    from codetr.modeling.dab_detr_head import DABDETRHead
+    from codetr.modeling.dab_transformer import DABTransformer
+    from codetr.modeling.dense_heads import FCOSAuxHead, RetinaNetAuxHead
+    from codetr.modeling.neck import InputProjection
     from codetr.modeling.rcnn import RCNNBranch
 
     class SmallBackbone(Backbone):
@@ -280,9 +296,18 @@ def small_model(num_classes, collaborative, pair="dino"):
     C = 128
     strides = (8, 16, 32, 64)
     neck = ChannelMapper(["c3", "c4", "c5"], [64, 64, 64], C, num_extra=1, kernel_size=1, num_groups=32)
+    num_co = len(aux_heads) if collaborative else 0
+    if pair != "dino" and tuple(aux_heads) != ("rcnn", "atss"):
+        raise ValueError(f"--aux-heads is for --pair dino and dab; {pair} uses rcnn,atss")
     dims = dict(embed_dim=C, num_heads=8, num_levels=4, num_points=4, num_encoder_layers=3, num_decoder_layers=3,
-                ffn_dim=512, num_co_heads=2 if collaborative else 0)
-    if pair == "dino":
+                ffn_dim=512, num_co_heads=num_co)
+    if pair == "dab":
+        neck = InputProjection("c4", 64, C)
+        transformer = DABTransformer(embed_dim=C, num_heads=8, num_encoder_layers=3, num_decoder_layers=3, ffn_dim=512,
+                                     num_queries=100)
+        head = DABDETRHead(transformer=transformer, num_classes=num_classes, num_co_heads=num_co)
+        post = DETRPostProcessor(max_per_img=100, soft_nms=False)
+    elif pair == "dino":
         transformer = DINOTransformer(num_queries=100, **dims)
         head = DINOHead(transformer=transformer, num_classes=num_classes, num_dn_queries=30)
         post = DETRPostProcessor(max_per_img=100)
@@ -295,17 +320,29 @@ def small_model(num_classes, collaborative, pair="dino"):
     if collaborative:
         w = 3 * 2.0  # num_decoder_layers * lambda_2
         aux_strides = strides + (128,)
+        feats = pair == "deformable"
+        make = {
+            "rcnn": lambda i: RCNNBranch(num_classes=num_classes, in_channels=C, strides=aux_strides, num_roi_levels=4,
+                                         roi_finest_scale=112, fc_dim=256, loss_rpn_cls_weight=w, loss_rpn_bbox_weight=w,
+                                         loss_cls_weight=w, loss_bbox_weight=10 * w, return_feats=feats, head_index=i),
+            "atss": lambda i: ATSSHead(num_classes=num_classes, in_channels=C, feat_channels=C, strides=aux_strides,
+                                       loss_cls_weight=w, loss_bbox_weight=2 * w, loss_centerness_weight=w,
+                                       return_feats=feats, head_index=i),
+            "fcos": lambda i: FCOSAuxHead(num_classes=num_classes, in_channels=C, strides=aux_strides, loss_cls_weight=w,
+                                          loss_bbox_weight=w, loss_centerness_weight=w, head_index=i),
+            "retinanet": lambda i: RetinaNetAuxHead(num_classes=num_classes, in_channels=C, strides=aux_strides,
+                                                    loss_cls_weight=w, loss_bbox_weight=w, head_index=i),
+        }
+        unknown = sorted(set(aux_heads) - set(make))
+        if unknown:
+            raise ValueError(f"unknown auxiliary heads {unknown}; known: {sorted(make)}")
+        adapter = MultiScaleAdapter((16,), aux_strides, embed_dim=C) if pair == "dab" else None
         collab = CollaborativeBranch(
-            aux_heads=[
-                RCNNBranch(num_classes=num_classes, in_channels=C, strides=aux_strides, num_roi_levels=4,
-                           roi_finest_scale=112, fc_dim=256, loss_rpn_cls_weight=w, loss_rpn_bbox_weight=w,
-                           loss_cls_weight=w, loss_bbox_weight=10 * w, return_feats=pair == "deformable"),
-                ATSSHead(num_classes=num_classes, in_channels=C, feat_channels=C, strides=aux_strides,
-                         loss_cls_weight=w, loss_bbox_weight=2 * w, loss_centerness_weight=w,
-                         return_feats=pair == "deformable"),
-            ],
+            aux_heads=[make[name](i) for i, name in enumerate(aux_heads)],
             num_classes=num_classes,
             embed_dim=C,
+            adapter=adapter,
+            extra_map=adapter is None,  # the adapter makes the stride-64 and -128 maps itself
         )
     return CoDETR(backbone=SmallBackbone(64), neck=neck, query_head=head, pixel_mean=[123.675, 116.28, 103.53],
                   pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, collaborative=collab,
@@ -351,12 +388,14 @@ def cmd_converge(args):
     h, w = 160, 224
     train = synthetic_images(args.num_train, h, w, num_classes, seed=0)
     val = synthetic_images(args.num_val, h, w, num_classes, seed=1)
+    aux_heads = tuple(args.aux_heads.split(","))
     res = {"iters": args.iters, "batch": args.batch, "num_train": args.num_train, "num_val": args.num_val,
-           "seed": args.seed}
+           "seed": args.seed, "lr": args.lr, "aux_heads": list(aux_heads)}
     co, base, _ = PAIRS[args.pair]
-    for name, collab in ((co, True), (base, False)):
+    runs = ((co, True),) if args.skip_baseline else ((co, True), (base, False))
+    for name, collab in runs:
         torch.manual_seed(args.seed)  # same initial weights (where shared) for both models
-        model = small_model(num_classes, collab, args.pair).to(args.device)
+        model = small_model(num_classes, collab, args.pair, aux_heads).to(args.device)
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
         rng = np.random.default_rng(args.seed)  # same batches for both models
@@ -395,6 +434,8 @@ def main(argv=None):
     p.add_argument("--num-val", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--seed", type=int, default=0, help="converge: initialisation and batch-order seed (the data is fixed)")
+    p.add_argument("--aux-heads", default="rcnn,atss", help="converge: the auxiliary heads, in order (rcnn, atss, fcos, retinanet)")
+    p.add_argument("--skip-baseline", action="store_true", help="converge: train only the collaborative model")
     args = p.parse_args(argv)
     if args.config is None:
         args.config = PAIRS[args.pair][2]
