@@ -9,6 +9,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 from omegaconf import OmegaConf
 
+from codetr import model_zoo
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.dense_heads import FCOSAuxHead, RetinaNetAuxHead
@@ -39,7 +40,7 @@ def load(name, overrides=()):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_variant_configs(name):
-    cfg = load(name)
+    cfg = model_zoo.get_config(name)
     heads = cfg.model.collaborative.aux_heads
     assert [h._target_ for h in heads] == VARIANTS[name]
     assert cfg.model.query_head.transformer.num_co_heads == len(heads)

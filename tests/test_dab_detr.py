@@ -10,6 +10,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.events import EventStorage
 
+from codetr import model_zoo
 from codetr.modeling import CoDETR
 from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.collaborative import CollaborativeBranch
@@ -147,7 +148,11 @@ def _params(module, skip=()):
 
 
 def test_configs_build_and_baseline_override():
-    cfg = load("co_dab_detr_r50.py")
+    for name in ("co_dab_detr_r50.py", "dab_detr_r50.py"):  # in the model zoo, without official weights
+        assert os.path.samefile(model_zoo.get_config_file(name), os.path.join(REPO, "configs", name))
+        with pytest.raises(RuntimeError, match="no official weights"):
+            model_zoo.get_config(name, trained=True)
+    cfg = model_zoo.get_config("co_dab_detr_r50.py")
     m, qh, t = cfg.model, cfg.model.query_head, cfg.model.query_head.transformer
     assert list(m.backbone.out_features) == ["res5"] and m.neck.in_feature == "res5"
     assert (t.num_encoder_layers, t.num_decoder_layers, t.num_queries, t.modulate_hw_attn) == (6, 6, 300, True)
