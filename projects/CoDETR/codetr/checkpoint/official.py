@@ -4,7 +4,8 @@ An official checkpoint is a dict ``{"state_dict": {...}, "meta": {...}}`` (somet
 mmcv's runner, holding the parameters and buffers of the official ``CoDETR`` model: ``backbone.*`` (torchvision
 ResNet, Swin or the EVA-02-style ViT), ``neck.*`` (ChannelMapper or SFP), ``query_head.*`` (CoDINOHead and its
 transformer), ``rpn_head.*``, ``roi_head.0.*``, ``bbox_head.0.*`` (ATSS), and for Co-DINO-Inst ``mask_head.*``
-(SimpleRefineMaskHead) and ``mask_iou_head.*`` (MaskIoUHead).
+(SimpleRefineMaskHead) and ``mask_iou_head.*`` (MaskIoUHead); for Co-Deformable-DETR-mask ``roi_head.0.mask_head.*``
+(FCNMaskHead -> detectron2's MaskRCNNConvUpsampleHead).
 
 The conversion is a list of renaming rules plus an explicit list of keys that carry no learnable state and are
 dropped (each with its reason, and reported): RoPE frequency tables (recomputed), BatchNorm ``num_batches_tracked``
@@ -99,6 +100,12 @@ def _aux_rules(num_roi_heads: int) -> List[Rule]:
          lambda m: f"collaborative.aux_heads.{m[1]}.roi_heads.box_head.conv{int(m[2]) + 1}.norm.{m[3]}"),
         (r"^roi_head\.(\d+)\.bbox_head\.fc_cls\.(\w+)$", r"collaborative.aux_heads.\1.roi_heads.box_predictor.cls_score.\2"),
         (r"^roi_head\.(\d+)\.bbox_head\.fc_reg\.(\w+)$", r"collaborative.aux_heads.\1.roi_heads.box_predictor.bbox_pred.\2"),
+        # Mask R-CNN's FCNMaskHead (mmcv ConvModules without norm) -> MaskRCNNConvUpsampleHead
+        (r"^roi_head\.(\d+)\.mask_head\.convs\.(\d+)\.conv\.(\w+)$",
+         lambda m: f"collaborative.aux_heads.{m[1]}.roi_heads.mask_head.mask_fcn{int(m[2]) + 1}.{m[3]}"),
+        (r"^roi_head\.(\d+)\.mask_head\.upsample\.(\w+)$", r"collaborative.aux_heads.\1.roi_heads.mask_head.deconv.\2"),
+        (r"^roi_head\.(\d+)\.mask_head\.conv_logits\.(\w+)$",
+         r"collaborative.aux_heads.\1.roi_heads.mask_head.predictor.\2"),
         (r"^bbox_head\.(\d+)\.(.+)$", lambda m: f"collaborative.aux_heads.{num_roi_heads + int(m[1])}.{m[2]}"),
     ]
 

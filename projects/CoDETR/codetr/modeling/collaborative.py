@@ -43,6 +43,12 @@ At inference this module is not called; removing it (``model.collaborative = Non
 eval outputs unchanged. For debugging, ``CoDETR(eval_module="atss" | "rcnn")`` evaluates the auxiliary head whose
 ``eval_name`` it is instead of the query head (:meth:`CollaborativeBranch.inference`); every auxiliary head has
 one ``inference(maps, images) -> list[Instances]``.
+
+**Masks** (Co-Deformable-DETR-mask). When an auxiliary head has a mask head (``with_mask``: an RCNNBranch built
+with ``mask_head``, i.e. Mask R-CNN), it is trained with the other aux losses here, and at test time
+:meth:`CollaborativeBranch.mask_inference` runs it on the query head's final detections over the encoder maps
+(the meta-architecture calls it after the post-processor); ``eval_module="rcnn"`` returns the RoI head's own boxes
+with their masks.
 """
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -230,6 +236,11 @@ class CollaborativeBranch(nn.Module):
         else:
             self.downsample = None
 
+    @property
+    def with_mask(self) -> bool:
+        """Whether an auxiliary head predicts masks (``mask_inference`` works)."""
+        return any(getattr(h, "with_mask", False) for h in self.aux_heads)
+
     @staticmethod
     def _check_query_head(query_head) -> None:
         if not isinstance(query_head, CollaborativeQueryHead):
@@ -322,4 +333,30 @@ class CollaborativeBranch(nn.Module):
         maps = self.encoder_maps(query_head, enc_ctx)
         sizes = self._image_sizes(enc_ctx, images)
         insts = heads[0].inference(maps, ImageList(images.tensor, sizes))
-        return [{"boxes": i.pred_boxes.tensor, "scores": i.scores, "labels": i.pred_classes} for i in insts]
+        dets = [{"boxes": i.pred_boxes.tensor, "scores": i.scores, "labels": i.pred_classes} for i in insts]
+        for d, i in zip(dets, insts):
+            if i.has("pred_masks"):
+                d["masks"] = i.pred_masks
+        return dets
+
+    @torch.no_grad()
+    def mask_inference(
+        self, query_head: "CollaborativeQueryHead", enc_ctx: Dict, detections: List[Instances]
+    ) -> List[Instances]:
+        """Masks of the query head's detections by the auxiliary mask head, on the encoder maps (eval mode).
+
+        Args:
+            query_head: gives the encoder maps of ``enc_ctx`` (the eval forward's, ``return_enc_ctx=True``).
+            detections: per image ``pred_boxes`` (XYXY pixels of the input image), ``scores``, ``pred_classes``.
+
+        Returns:
+            ``detections`` with ``pred_masks`` (R, 1, M, M) mask probabilities in each box (see
+            :meth:`codetr.modeling.rcnn.RCNNBranch.mask_inference`).
+        """
+        heads = [h for h in self.aux_heads if getattr(h, "with_mask", False)]
+        if not heads:
+            raise ValueError("CollaborativeBranch.mask_inference: no auxiliary head has a mask head")
+        maps = list(query_head.encoder_maps(enc_ctx))
+        if self.adapter is not None:
+            maps = list(self.adapter(maps))
+        return heads[0].mask_inference(maps, detections)

@@ -74,16 +74,19 @@ class DeformableDETRHead(DETRQueryHead):
         masks: torch.Tensor,
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
         image_sizes: Optional[torch.Tensor] = None,
+        return_enc_ctx: bool = False,
     ):
         """
         Args:
             features: L maps (B, C, h_l, w_l), finest first; masks: (B, H, W) bool padding mask (True on padding);
             targets: training only, per image ``labels`` (n,) int64, ``boxes`` (n, 4) normalised cxcywh, optional
-            ``name``; image_sizes: (B, 2) (h, w) of the normalisation.
+            ``name``; image_sizes: (B, 2) (h, w) of the normalisation; return_enc_ctx: eval only, also return
+            ``enc_ctx`` (for a mask head reading the encoder maps).
 
         Returns:
             training: (losses, enc_ctx), as :meth:`DINOHead.forward` (``memory_values`` when ``num_co_heads > 0``);
-            eval: (logits (B, K, num_classes), boxes (B, K, 4) normalised cxcywh) of the last layer.
+            eval: (logits (B, K, num_classes), boxes (B, K, 4) normalised cxcywh) of the last layer (+ ``enc_ctx``
+            with ``return_enc_ctx``).
         """
         enc_ctx = self.encode(features, masks, image_sizes)
         query, query_pos, reference, enc_logits, enc_boxes = self.transformer.select_queries(
@@ -98,7 +101,8 @@ class DeformableDETRHead(DETRQueryHead):
         hidden, refs = self.decode(enc_ctx, query, query_pos, reference)
         if not self.training:
             last = hidden.shape[0] - 1
-            return self.predict_layer(last, hidden[last], refs[last])
+            logits, boxes = self.predict_layer(last, hidden[last], refs[last])
+            return (logits, boxes, enc_ctx) if return_enc_ctx else (logits, boxes)
         logits, boxes = self.predict(hidden, refs)
         losses = self.criterion.encoder_losses(enc_logits, enc_boxes, targets)
         losses.update(self.criterion.decoder_losses(logits, boxes, targets))

@@ -42,7 +42,9 @@ class CoDETR(nn.Module):
         pad_value: the pixel value (input range, before normalisation) of the ``square_pad`` padding.
         collaborative: optional module of the auxiliary heads, called in training as
             ``collaborative(enc_ctx, images, gt_instances, query_head) -> dict of losses``.
-            With ``None`` the model is exactly DINO.
+            With ``None`` the model is exactly DINO. If one of its auxiliary heads has a mask head
+            (Co-Deformable-DETR-mask: ``collaborative.with_mask``), eval runs it on the query head's final boxes over
+            the encoder maps and adds ``pred_masks``.
         mask_branch: optional instance-mask branch (:class:`~codetr.modeling.mask_head.InstanceMaskBranch`,
             Co-DINO-Inst) on the encoder maps: in training its losses use the query head's last-layer
             predictions as RoIs and ``gt_masks``; in eval it adds ``pred_masks`` (and ``mask_scores``) to the
@@ -97,6 +99,10 @@ class CoDETR(nn.Module):
         if eval_module != "detr" and collaborative is None:
             raise ValueError(f"eval_module={eval_module!r} needs the collaborative branch (collaborative is None)")
         self.eval_module = eval_module
+        if self.aux_masks and mask_branch is not None:
+            raise ValueError("both mask_branch and a collaborative mask head predict masks: keep one")
+        if test_time_aug is not None and self.aux_masks:
+            raise ValueError("test_time_aug merges boxes only: it cannot be combined with a collaborative mask head")
         if test_time_aug is not None and eval_module != "detr":
             raise ValueError("test_time_aug needs eval_module='detr' (it merges the query head's candidates)")
         if test_time_aug is not None and mask_branch is not None:
@@ -111,6 +117,11 @@ class CoDETR(nn.Module):
         self.pad_value = float(pad_value)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @property
+    def aux_masks(self) -> bool:
+        """Whether an auxiliary head of the collaborative branch predicts masks (Co-Deformable-DETR-mask)."""
+        return self.collaborative is not None and bool(getattr(self.collaborative, "with_mask", False))
 
     @property
     def device(self) -> torch.device:
@@ -203,7 +214,7 @@ class CoDETR(nn.Module):
             return losses
         if self.eval_module != "detr":  # an auxiliary head's detections (collaborative.py)
             dets = self.collaborative.inference(self.query_head, features, masks, images, norm_sizes, self.eval_module)
-        elif self.mask_branch is not None:
+        elif self.mask_branch is not None or self.aux_masks:
             logits, boxes, enc_ctx = self.query_head(features, masks, None, norm_sizes, return_enc_ctx=True)
             dets = self.postprocessor(logits, boxes, norm_sizes)
         else:
@@ -216,9 +227,13 @@ class CoDETR(nn.Module):
             inst.pred_boxes.clip(image_size)
             inst.scores = det["scores"]
             inst.pred_classes = det["labels"]
+            if "masks" in det:  # eval_module="rcnn" with a mask head: the RoI head's masks of its own boxes
+                inst.pred_masks = det["masks"]
             instances.append(inst)
-        if self.mask_branch is not None:
+        if self.eval_module == "detr" and self.mask_branch is not None:
             instances = self.mask_branch.inference(self.query_head.encoder_maps(enc_ctx), instances)
+        elif self.eval_module == "detr" and self.aux_masks:  # Co-Deformable-DETR-mask: on the query head's boxes
+            instances = self.collaborative.mask_inference(self.query_head, enc_ctx, instances)
         results = []
         for x, inst, image_size in zip(batched_inputs, instances, images.image_sizes):
             height = x.get("height", image_size[0])

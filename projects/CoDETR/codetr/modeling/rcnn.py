@@ -9,7 +9,8 @@ Nothing of Faster R-CNN is rewritten here: :class:`RCNNBranch` builds detectron2
   its per-level ``level_poolers`` are swapped, with the same output size, scale, sampling ratio and alignment; on a GPU
   (or without the extension) the module calls torchvision as before. It has no parameters: state-dict keys are
   unchanged;
-- loss keys carrying the head index (``loss_rpn_cls0``, ``loss_rpn_bbox0``, ``loss_cls0``, ``loss_bbox0``);
+- loss keys carrying the head index (``loss_rpn_cls0``, ``loss_rpn_bbox0``, ``loss_cls0``, ``loss_bbox0``, with a
+  mask head ``loss_mask0``);
 - the *positives* handed to the query head: the RoIs sampled by ``StandardROIHeads.label_and_sample_proposals``
   (512 per image, GT boxes appended as proposals, positives first), truncated to the smallest per-image count
   (cap 2000), with their labels (background = ``num_classes``) and GT boxes (the decoded regression targets).
@@ -24,6 +25,15 @@ Correspondences with the official mmdet config (``co_dino_5scale_r50_1x_coco.py`
   adaptive sampling is detectron2's ``ROIAlignV2`` with ``sampling_ratio=0``;
 - ``DeltaXYWHBBoxCoder`` with stds (0.1, 0.1, 0.2, 0.2) is ``Box2BoxTransform((10, 10, 5, 5))``;
 - RoI GIoU on decoded boxes and CE are both averaged over the sampled RoIs in mmdet and detectron2.
+
+Mask R-CNN (Co-Deformable-DETR-mask, official ``co_deformable_detr_mask_r50_1x_coco``): with ``mask_head`` (e.g.
+detectron2's ``MaskRCNNConvUpsampleHead``: 4 3x3 convs, a 2x deconv, per-class 1x1 logits = mmdet's
+``FCNMaskHead``) the ``StandardROIHeads`` get a second ``ROIPooler`` (RoIAlign ``mask_pooler_resolution`` = 14, the
+same levels and level mapping as the box pooler, as the official ``mask_roi_extractor``) and train the mask head on
+the positive sampled RoIs against ``gt_masks`` cropped to the 28 px RoI grid (detectron2's ``mask_rcnn_loss``: mean
+BCE of the GT class's logits, as mmdet's ``CrossEntropyLoss(use_mask=True)``; its x12 weight is the head's
+``loss_weight``). :meth:`RCNNBranch.mask_inference` runs the mask head on boxes given from outside (the query
+head's detections at test time); ``inference`` (``eval_module="rcnn"``) gives the RoI head's own boxes with masks.
 
 Anchors in the batch padding: detectron2's RPN (``anchor_boundary_thresh=-1``) samples every anchor, so an image
 smaller than the batch gets negatives from the padding; mmdet skips anchors whose feature location lies outside the
@@ -162,6 +172,8 @@ class RCNNBranch(nn.Module):
         max_positives: int = 2000,
         head_index: int = 0,
         return_feats: bool = False,
+        mask_head: Optional[nn.Module] = None,
+        mask_pooler_resolution: int = 14,
     ):
         """
         Args:
@@ -176,6 +188,10 @@ class RCNNBranch(nn.Module):
             head_index: appended to the loss keys.
             return_feats: add ``feats`` (M, C), each sampled RoI's 7x7 RoIAlign features averaged, to the
                 positives (Co-Deformable-DETR's positive queries use them).
+            mask_head: optional mask head of detectron2's ``BaseMaskRCNNHead`` interface (``MaskRCNNConvUpsampleHead``
+                with ``input_shape`` (in_channels, R, R), R = ``mask_pooler_resolution``; its ``loss_weight`` is the
+                mask loss weight): the branch becomes Mask R-CNN and training needs ``gt_masks``.
+            mask_pooler_resolution: RoIAlign output size of the mask pooler (official 14).
         """
         super().__init__()
         if num_classes < 1:
@@ -244,6 +260,23 @@ class RCNNBranch(nn.Module):
             box_reg_loss_type="giou",
             loss_weight={"loss_cls": float(loss_cls_weight), "loss_box_reg": float(loss_bbox_weight)},
         )
+        mask_args = {}
+        if mask_head is not None:
+            predictor = getattr(mask_head, "predictor", None)
+            if predictor is not None and predictor.out_channels not in (1, num_classes):
+                raise ValueError(
+                    f"RCNNBranch: the mask head predicts {predictor.out_channels} classes, the branch has {num_classes}"
+                )
+            mask_pooler = ROIPooler(
+                output_size=mask_pooler_resolution,
+                scales=[1.0 / s for s in strides[:num_roi_levels]],
+                sampling_ratio=0,
+                pooler_type="ROIAlignV2",
+                canonical_box_size=roi_finest_scale,
+                canonical_level=min_level,
+            )
+            _use_codetr_roi_align(mask_pooler)
+            mask_args = dict(mask_in_features=roi_features, mask_pooler=mask_pooler, mask_head=mask_head)
         self.roi_heads = StandardROIHeads(
             num_classes=num_classes,
             batch_size_per_image=roi_batch_size_per_image,
@@ -254,7 +287,13 @@ class RCNNBranch(nn.Module):
             box_pooler=pooler,
             box_head=box_head,
             box_predictor=box_predictor,
+            **mask_args,
         )
+
+    @property
+    def with_mask(self) -> bool:
+        """Whether the RoI head has a mask head (Mask R-CNN)."""
+        return self.roi_heads.mask_on
 
     def _feature_dict(self, features: List[Tensor]) -> Dict[str, Tensor]:
         if len(features) != len(self.in_features):
@@ -271,7 +310,8 @@ class RCNNBranch(nn.Module):
             gt_instances: per image ``gt_boxes`` (XYXY absolute) and ``gt_classes``.
 
         Returns:
-            losses: ``loss_rpn_cls{i}``, ``loss_rpn_bbox{i}``, ``loss_cls{i}``, ``loss_bbox{i}``.
+            losses: ``loss_rpn_cls{i}``, ``loss_rpn_bbox{i}``, ``loss_cls{i}``, ``loss_bbox{i}`` (and ``loss_mask{i}``
+                with a mask head; then every image needs ``gt_masks``).
             positives: per image ``boxes`` (M, 4) the sampled RoIs (positives first), ``labels`` (M,),
                 ``target_boxes`` (M, 4) their GT boxes (zeros for background), with ``return_feats`` also ``feats``
                 (M, C); M is the same for every image.
@@ -280,6 +320,13 @@ class RCNNBranch(nn.Module):
             raise ValueError(
                 f"RCNNBranch: {len(gt_instances)} gt_instances for a batch of {features[0].shape[0]} images"
             )
+        if self.with_mask:
+            for k, gt in enumerate(gt_instances):
+                if not gt.has("gt_masks"):
+                    raise ValueError(
+                        f"RCNNBranch: the mask head needs gt_masks, image {k} of the batch has none (set "
+                        "dataloader.train.mapper.use_instance_mask=True)"
+                    )
         feats = self._feature_dict(features)
         proposals, rpn_losses = self.rpn(images, feats, gt_instances)
         sampled, roi_losses = self.roi_heads(images, feats, proposals, gt_instances)
@@ -290,6 +337,8 @@ class RCNNBranch(nn.Module):
             f"loss_cls{i}": roi_losses["loss_cls"],
             f"loss_bbox{i}": roi_losses["loss_box_reg"],
         }
+        if self.with_mask:
+            losses[f"loss_mask{i}"] = roi_losses["loss_mask"]
         positives = self.positives(sampled)
         if self.return_feats:
             m = positives[0]["boxes"].shape[0]
@@ -317,8 +366,30 @@ class RCNNBranch(nn.Module):
         return out
 
     @torch.no_grad()
+    def mask_inference(self, features: Sequence[Tensor], detections: List[Instances]) -> List[Instances]:
+        """Masks of given detections, by the RoI mask head (eval mode).
+
+        Args:
+            features: (B, C, h_l, w_l) maps, finest first, at least the ``num_roi_levels`` RoI levels (the encoder
+                maps: the extra map is not needed).
+            detections: per image ``pred_boxes`` (XYXY pixels of the input image) and ``pred_classes``.
+
+        Returns:
+            ``detections`` with ``pred_masks`` (R, 1, M, M): each box's mask probabilities on its M x M grid
+            (M = 28; detectron2's ``mask_rcnn_inference``, the channel of its class), pasted at the output size by
+            ``detector_postprocess``.
+        """
+        if not self.with_mask:
+            raise ValueError("RCNNBranch.mask_inference: the branch has no mask head")
+        names = self.roi_heads.mask_in_features
+        if len(features) < len(names):
+            raise ValueError(f"RCNNBranch.mask_inference: needs {len(names)} feature maps, got {len(features)}")
+        return self.roi_heads.forward_with_given_boxes(dict(zip(names, features)), detections)
+
+    @torch.no_grad()
     def inference(self, features: List[Tensor], images: ImageList) -> List[Instances]:
-        """Detections (``pred_boxes``, ``scores``, ``pred_classes``) in input-image coordinates (eval mode)."""
+        """Detections (``pred_boxes``, ``scores``, ``pred_classes``, with a mask head also ``pred_masks`` of the
+        RoI head's own boxes) in input-image coordinates (eval mode)."""
         feats = self._feature_dict(features)
         proposals, _ = self.rpn(images, feats, None)
         results, _ = self.roi_heads(images, feats, proposals, None)
