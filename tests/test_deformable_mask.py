@@ -294,3 +294,72 @@ def test_tiny_co_deformable_detr_mask_overfits_to_segm_ap50(tmp_path):
     print(f"\ntiny Co-Deformable-DETR-mask overfit (iteration, bbox AP50, segm AP50, segm AP): {history}; "
           f"wall {time.time() - t0:.0f} s")
     assert history[-1][2] >= 80, history
+
+
+# ----------------------------------------------------------------------------------------------- Predictor, demo.py
+def test_predictor_returns_masks_at_the_original_size_of_a_non_square_image(tmp_path):
+    """codetr.Predictor with the demo instance config (random weights, every mask forced to fill its box, saved as a
+    checkpoint): ``pred_masks`` (N, H, W) at the original 150 x 230 image equal to their boxes rasterised by hand,
+    and to the model's masks on the resized 224 x 343 image (the config's test resize) scaled back;
+    tools/demo.py draws them."""
+    import importlib.util
+
+    import numpy as np
+    import detectron2.data.transforms as T
+    from detectron2.data import MetadataCatalog
+
+    from codetr import Predictor
+
+    torch.manual_seed(0)
+    model = instantiate(LazyConfig.load(DEMO).model)
+    with torch.no_grad():  # every mask = its whole box (logit +10 everywhere): the geometry is checkable by hand
+        pred = model.collaborative.aux_heads[0].roi_heads.mask_head.predictor
+        pred.weight.zero_()
+        pred.bias.fill_(10.0)
+    ckpt = str(tmp_path / "model.pth")
+    torch.save({"model": model.state_dict()}, ckpt)
+    predictor = Predictor(DEMO, ckpt, device="cpu", input_format="RGB")
+    h, w = 150, 230
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    rgb[40:110, 30:120] = (250, 40, 40)
+    rgb[70:140, 120:220] = (30, 220, 60)
+    got = predictor(rgb)
+    assert got.image_size == (h, w) and len(got) == 100
+    assert got.pred_masks.shape == (len(got), h, w) and got.pred_masks.dtype == torch.bool
+    # each mask is its box in original pixels: pixel centres inside the box, up to one boundary pixel
+    ys, xs = torch.arange(h)[:, None] + 0.5, torch.arange(w)[None, :] + 0.5
+    checked = 0
+    for m, (x0, y0, x1, y1) in zip(got.pred_masks, got.pred_boxes.tensor.tolist()):
+        inner = (xs >= x0 + 1) & (xs <= x1 - 1) & (ys >= y0 + 1) & (ys <= y1 - 1)
+        outer = (xs >= x0 - 1) & (xs <= x1 + 1) & (ys >= y0 - 1) & (ys <= y1 + 1)
+        assert not (m & ~outer).any() and not (inner & ~m).any()
+        checked += int(inner.any())
+    assert checked > 0
+    # the same detections as the model's on the resized image (the config's test resize, by hand), scaled back
+    new_h, new_w = 224, 343  # short side 150 -> 224, long side round(230 * 224 / 150) = 343 (<= 384)
+    resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(rgb)
+    with torch.no_grad():
+        ref = predictor.model([{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))}])[0]
+    ref = ref["instances"]
+    assert ref.pred_masks.shape == (len(got), new_h, new_w)
+    assert torch.equal(ref.pred_classes, got.pred_classes)
+    back = torch.nn.functional.interpolate(ref.pred_masks[:, None].float(), size=(h, w), mode="nearest")[:, 0] > 0.5
+    union = (back | got.pred_masks).sum()
+    assert union > 0 and (back & got.pred_masks).sum() / union > 0.85
+
+    # tools/demo.py's drawing: the masks are drawn (pixels inside the largest mask change against a box-only draw)
+    spec = importlib.util.spec_from_file_location("codetr_demo_tool", os.path.join(REPO, "tools", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    k = int(got.pred_masks.flatten(1).sum(1).argmax())
+    one = got[k : k + 1]
+    boxes_only = one[:]
+    boxes_only.remove("pred_masks")
+    meta = MetadataCatalog.get("codetr_synthetic_val")
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    with_masks, n = demo.draw(bgr, one, meta)
+    without, _ = demo.draw(bgr, boxes_only, meta)
+    assert n == 1 and with_masks.shape == bgr.shape
+    changed = torch.from_numpy((with_masks != without).any(axis=2))
+    assert changed[one.pred_masks[0]].float().mean() > 0.5
