@@ -363,3 +363,41 @@ def test_predictor_returns_masks_at_the_original_size_of_a_non_square_image(tmp_
     assert n == 1 and with_masks.shape == bgr.shape
     changed = torch.from_numpy((with_masks != without).any(axis=2))
     assert changed[one.pred_masks[0]].float().mean() > 0.5
+
+
+def test_mask_loss_is_weighted_bce_of_the_gt_class_on_the_positive_rois():
+    """loss_mask0 = weight x mean BCE (float64) of each positive RoI's GT-class logits against its GT mask cropped
+    to the RoI on the 28 px grid (the official FCNMaskHead target: roi_align of the mask, binarised at 0.5)."""
+    torch.manual_seed(5)
+    model = tiny_co_deformable_mask(mask_loss_weight=12.0)
+    rcnn = model.collaborative.aux_heads[0]
+    captured = {}
+
+    def hook(module, args, out):
+        captured["logits"] = out.detach().double()
+
+    mh = rcnn.roi_heads.mask_head
+    handle = mh.predictor.register_forward_hook(hook)
+    orig = mh.forward
+    mh.forward = lambda x, instances: (captured.__setitem__("instances", instances), orig(x, instances))[1]
+    inputs, _ = _overfit_data(n_img=2, size=64)
+    model.train()
+    with EventStorage():
+        losses = model(inputs)
+    handle.remove()
+    logits, insts = captured["logits"], captured["instances"]
+    n = sum(len(i) for i in insts)
+    assert n > 0 and logits.shape == (n, NUM_CLASSES, 28, 28)
+    targets, cls = [], []
+    for inst in insts:
+        # by hand: bilinear roi_align (aligned, adaptive sampling) of the GT's binary mask, then >= 0.5
+        gt = inst.gt_masks.tensor.double()[:, None]
+        for k in range(len(inst)):
+            box = inst.proposal_boxes.tensor[k].double()
+            t = roi_align(gt[k:k + 1], [box[None]], 28, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+            targets.append((t[0, 0] >= 0.5).double())
+        cls.append(inst.gt_classes)
+    targets, cls = torch.stack(targets), torch.cat(cls)
+    x = logits[torch.arange(n), cls]
+    bce = (torch.clamp(x, min=0) - x * targets + torch.log1p(torch.exp(-x.abs()))).mean()
+    torch.testing.assert_close(losses["loss_mask0"].double(), 12.0 * bce, rtol=1e-5, atol=1e-6)
