@@ -18,7 +18,7 @@ from dino_utils import one_thread  # noqa: F401 (fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo", "co_dino_synthetic.py")  # test resize: short side 224, long <= 384
+DEMO = os.path.join(ROOT, "configs", "demo", "co_dino_synthetic.py")  # test resize: short side 192, long <= 352
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_boxes_in_original_pixels_of_non_square_image(checkpoint):
     assert got.image_size == (h, w)
     assert len(got) > 0
 
-    # by hand: short side 150 -> 224, so the long side 230 -> round(230 * 224 / 150) = round(343.47) = 343 (<= 384)
-    new_h, new_w = 224, 343
+    # by hand: short side 150 -> 192, so the long side 230 -> round(230 * 192 / 150) = round(294.4) = 294 (<= 352)
+    new_h, new_w = 192, 294
     resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(rgb)
     x = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
     with torch.no_grad():

@@ -9,7 +9,7 @@
 #    (any value can still be overridden on the command line, e.g. train.max_iter=2000 train.output_dir=out/x)
 #
 # The base is the small CPU Co-DINO of the demo (configs/demo/co_dino_synthetic.py: ResNet-18 from scratch,
-# images at a short side of 128..192); for real data on GPUs base it on "co_dino_r50.py" instead (DETR
+# images at a short side of 160..224); for real data on GPUs base it on "co_dino_r50.py" instead (DETR
 # augmentation, ImageNet-initialised R50; add train.device=cuda) -- the lines below work for both.
 # Category ids in the json may be any integers: detectron2 maps them to 0..NUM_CLASSES-1 in sorted order.
 from codetr import model_zoo
