@@ -1,6 +1,6 @@
 """ONNX export: tools/export_onnx.py on the demo config's real model (random weights), ONNX Runtime (CPU) against
-PyTorch eager on the same image (boxes, scores, top-k agreement; printed), before and after the soft-NMS post-step;
-and the TensorRT-plugin variant's graph (one MultiscaleDeformableAttnPlugin_TRT node per attention, five inputs in
+PyTorch eager on the same image (boxes, scores, top-k agreement rank by rank and rank-free; printed), before and
+after the soft-NMS post-step; and the TensorRT-plugin variant's graph (one MultiscaleDeformableAttnPlugin_TRT node per attention, five inputs in
 the plugin's layout). Static shapes keep the export short here; dynamic shapes are tested through torch.export in
 test_compile_export.py (the ONNX exporter runs the same torch.export)."""
 import importlib.util
@@ -40,8 +40,11 @@ def test_export_tool_parity_demo_model(tmp_path, capsys):
     with capsys.disabled():
         print("\n" + printed)
     c, f = summary["parity_candidates"], summary["parity_final"]
-    assert "top-k agreement" in printed
+    assert "top-k agreement" in printed and "rank-free" in printed
     assert c["max_abs_box_px"] < 0.05 and c["max_abs_score"] < 1e-4 and c["topk_agreement"] >= 0.99
+    # rank-free: every candidate found by both, with the same score
+    assert c["matched"] >= 0.99 and c["matched_max_box_px"] < 0.05 and c["matched_max_score"] < 1e-4
+    assert c["matched_score_within_tol"] == 1.0
     assert f["soft_nms"] and f["images_with_same_count"] == 1 and f["max_abs_box_px"] < 0.05
     model = onnx.load(out)
     ops = {n.op_type for n in model.graph.node}

@@ -12,8 +12,9 @@ Examples::
 The graph (``codetr.export.DetectorForExport``): input ``images`` (B, 3, H, W) uint8 in the config's channel order
 (``input_format``), already resized by the config's test resize, H and W multiples of ``size_divisibility``
 (pad the image at the bottom/right: boxes are unaffected); outputs ``boxes`` (B, k, 4) XYXY pixels of the input,
-``scores`` (B, k) decreasing, ``labels`` (B, k), k = ``model.postprocessor.max_per_img``: the top-k of the query x
-class scores, before soft-NMS. Batch, height and width are dynamic unless ``--static``.
+``scores`` (B, k) decreasing, ``labels`` (B, k), k = ``model.postprocessor.max_per_img``, or with soft-NMS
+``num_candidates`` (default: the number of queries): the top-k of the query x class scores, before soft-NMS.
+Batch, height and width are dynamic unless ``--static``.
 
 Deformable attention is exported as standard ops (``GridSample``), which ONNX Runtime and TensorRT run; with
 ``--trt-plugin`` each attention is one ``MultiscaleDeformableAttnPlugin_TRT`` node (domain "trt") with the five
@@ -25,8 +26,11 @@ class-aware soft-NMS, then the best ``max_per_img``); the settings are stored in
 ``--no-soft-nms`` skips that step here: the pure end-to-end detector (its top-k is then the final output).
 
 Parity: ONNX Runtime (CPU) and PyTorch eager run the same images (``--parity-images`` random images, or the images
-of ``--parity-input``, resized by the config's test resize); the tool prints the largest absolute difference of the
-boxes (pixels) and scores and the top-k agreement, then the same after the post-step.
+of ``--parity-input``, resized by the config's test resize); the tool prints, rank by rank, the largest absolute
+difference of the boxes (pixels) and scores and the top-k agreement; then rank-free (``codetr.export.match_detections``:
+each ONNX candidate paired with the eager one of the same label and mutually nearest box), the fraction matched and
+the differences over the matched pairs, which near-tied scores swapping ranks do not disturb; then the same after
+the post-step.
 """
 import argparse
 import glob
@@ -180,9 +184,13 @@ def main(argv=None):
         summary["parity_final"] = post_step_parity(args.output, model, images, soft_nms=post.soft_nms and not args.no_soft_nms)
         summary["parity_s"] = round(time.perf_counter() - start, 1)
         c, f = summary["parity_candidates"], summary["parity_final"]
-        print(f"parity on {c['images']} image(s) of {tuple(images[0].shape[2:])}: top-{post.max_per_img} candidates: "
+        print(f"parity on {c['images']} image(s) of {tuple(images[0].shape[2:])}, top-k candidates rank by rank: "
               f"max |box| {c['max_abs_box_px']:.2e} px, max |score| {c['max_abs_score']:.2e}, "
               f"top-k agreement {100 * c['topk_agreement']:.2f}%")
+        print(f"rank-free (same label, mutually nearest box within 1 px): {100 * c['matched']:.2f}% of the candidates "
+              f"matched; over the matched: max |box| {c['matched_max_box_px']:.2e} px, max |score| "
+              f"{c['matched_max_score']:.2e}, {100 * c['matched_score_within_tol']:.2f}% within {c['score_tol']:g}; "
+              f"best unmatched score {c['unmatched_max_score']:.4f} (k-th score {c['kth_score']:.4f})")
         print(f"after the post-step ({'soft-NMS + ' if f['soft_nms'] else ''}top {post.max_per_img}): max |box| "
               f"{f['max_abs_box_px']:.2e} px, max |score| {f['max_abs_score']:.2e}, same detection count in "
               f"{f['images_with_same_count']}/{len(images)} image(s)")

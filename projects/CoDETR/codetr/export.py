@@ -12,7 +12,7 @@ kernels ("auto") and the ``grid_sample`` formulation ("pytorch", what ONNX expor
 
 :func:`export_onnx` writes the ONNX model (deformable attention as standard ops, or with ``trt_plugin=True`` as one
 TensorRT ``MultiscaleDeformableAttnPlugin_TRT`` node per attention); :func:`onnx_parity` measures ONNX Runtime
-against PyTorch eager. ``tools/export_onnx.py`` runs both.
+against PyTorch eager, rank by rank and rank-free (:func:`match_detections`). ``tools/export_onnx.py`` runs both.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from codetr.layers import MultiScaleDeformableAttention
 
-__all__ = ["DetectorForExport", "set_deform_attn_impl", "export_onnx", "onnx_parity", "TRT_PLUGIN_OP"]
+__all__ = ["DetectorForExport", "set_deform_attn_impl", "export_onnx", "onnx_parity", "match_detections", "TRT_PLUGIN_OP"]
 
 
 def set_deform_attn_impl(model: nn.Module, impl: str) -> int:
@@ -41,7 +41,7 @@ class DetectorForExport(nn.Module):
     """
     ``forward(images) -> (boxes, scores, labels)``: the top-k candidates of :meth:`DETRPostProcessor.candidates`:
     boxes (B, k, 4) XYXY in pixels of the input, scores (B, k) decreasing, labels (B, k) int64;
-    k = ``model.postprocessor.max_per_img``.
+    k = ``model.postprocessor.max_per_img``, or with soft-NMS its ``num_candidates`` (default: the number of queries).
 
     Args:
         model: a CoDETR (its one-to-one query head makes the detections; the auxiliary heads are not run).
@@ -170,17 +170,71 @@ def export_onnx(
     return path
 
 
-def onnx_parity(onnx_path: str, model: nn.Module, images: List[torch.Tensor], box_tol: float = 1.0) -> Dict[str, float]:
+def match_detections(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+    ref_boxes: torch.Tensor, ref_scores: torch.Tensor, ref_labels: torch.Tensor, box_tol: float = 1.0,
+) -> Dict[str, torch.Tensor]:
+    """
+    Rank-free comparison of one image's detections with reference detections (e.g. ONNX Runtime's with eager's):
+    each detection is paired with the reference detection of the same label whose box is nearest (the largest
+    coordinate difference, in pixels), and the pair counts as a match when each is the other's nearest and they
+    are within ``box_tol`` px: the same (query, class) found by both, whatever its rank. Near-tied scores reorder
+    the ranks of a top-k, so comparing rank by rank pairs unrelated detections; this does not.
+
+    Args:
+        boxes (k, 4), scores (k,), labels (k,): the detections; ref_boxes (k', 4), ref_scores (k',), ref_labels
+            (k',): the reference ones. Boxes XYXY.
+
+    Returns:
+        ``matched`` (k,) bool; ``ref_index`` (k,) int64, the paired reference detection (-1 when unmatched);
+        ``box_diff`` (k,) px and ``score_diff`` (k,) to the nearest same-label reference detection (inf when the
+        reference has none of that label); ``ref_matched`` (k',) bool.
+    """
+    if boxes.dim() != 2 or boxes.shape[-1] != 4 or ref_boxes.dim() != 2 or ref_boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be (k, 4), got {tuple(boxes.shape)} and {tuple(ref_boxes.shape)}")
+    if not (scores.shape == labels.shape == boxes.shape[:1] and ref_scores.shape == ref_labels.shape == ref_boxes.shape[:1]):
+        raise ValueError("scores and labels must be (k,), one per box")
+    boxes, ref_boxes = boxes.double(), ref_boxes.double()
+    dist = (boxes[:, None] - ref_boxes[None]).abs().amax(-1)  # (k, k')
+    dist = dist.masked_fill(labels[:, None] != ref_labels[None], float("inf"))
+    if dist.numel() == 0:
+        empty = torch.zeros(len(boxes), dtype=torch.bool)
+        inf = torch.full((len(boxes),), float("inf"), dtype=torch.float64)
+        return dict(matched=empty, ref_index=torch.full((len(boxes),), -1, dtype=torch.int64), box_diff=inf,
+                    score_diff=inf, ref_matched=torch.zeros(len(ref_boxes), dtype=torch.bool))
+    box_diff, j = dist.min(1)
+    back = dist.argmin(0)  # each reference detection's nearest detection
+    matched = (back[j] == torch.arange(len(boxes))) & (box_diff <= box_tol)
+    score_diff = (scores.double() - ref_scores.double()[j]).abs().masked_fill(torch.isinf(box_diff), float("inf"))
+    ref_matched = torch.zeros(len(ref_boxes), dtype=torch.bool).index_fill_(0, j[matched], True)
+    return dict(matched=matched, ref_index=torch.where(matched, j, -1), box_diff=box_diff, score_diff=score_diff,
+                ref_matched=ref_matched)
+
+
+def onnx_parity(
+    onnx_path: str, model: nn.Module, images: List[torch.Tensor], box_tol: float = 1.0, score_tol: float = 1e-4
+) -> Dict[str, float]:
     """
     ONNX Runtime (CPU) against PyTorch eager (``DetectorForExport(model)``) on the same ``images`` (each a
-    (1, 3, H, W) uint8 batch): the largest absolute difference of the candidates' boxes (pixels) and scores, and
-    the top-k agreement: the fraction of ranks whose label is the same and whose box is within ``box_tol`` px.
+    (1, 3, H, W) uint8 batch), the top-k candidates of both compared two ways:
+
+    - rank by rank: ``max_abs_box_px``, ``max_abs_score`` (largest differences of the boxes and scores at the
+      same rank) and ``topk_agreement`` (the fraction of ranks whose label is the same and whose box is within
+      ``box_tol`` px). Near-tied scores (common with random weights) swap ranks, and then unrelated detections
+      are compared.
+    - rank-free (:func:`match_detections`: same label, mutually nearest boxes within ``box_tol``):
+      ``matched`` (the fraction of ONNX candidates matched to an eager one), ``matched_max_box_px``,
+      ``matched_max_score`` (largest differences over the matched pairs), ``matched_score_within_tol`` (the
+      fraction of matched pairs whose scores differ by at most ``score_tol``), and ``unmatched_max_score``,
+      the best score of a candidate found by one side only (on either side), beside ``kth_score``, the lowest
+      eager candidate score: candidates that enter or leave the top-k at its boundary score about that.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     wrapper = DetectorForExport(model).eval()
     box_diff, score_diff, agree, total = 0.0, 0.0, 0, 0
+    n_matched, m_box, m_score, m_within, unmatched_score, kth = 0, 0.0, 0.0, 0, 0.0, float("inf")
     for img in images:
         with torch.no_grad():
             ref = wrapper(img)
@@ -191,4 +245,21 @@ def onnx_parity(onnx_path: str, model: nn.Module, images: List[torch.Tensor], bo
         same = (got[2] == ref[2]) & (db.amax(-1) <= box_tol)
         agree += int(same.sum())
         total += same.numel()
-    return dict(max_abs_box_px=box_diff, max_abs_score=score_diff, topk_agreement=agree / max(total, 1), images=len(images))
+        for b in range(img.shape[0]):
+            m = match_detections(got[0][b], got[1][b], got[2][b], ref[0][b], ref[1][b], ref[2][b], box_tol)
+            ok = m["matched"]
+            n_matched += int(ok.sum())
+            if ok.any():
+                m_box = max(m_box, float(m["box_diff"][ok].max()))
+                m_score = max(m_score, float(m["score_diff"][ok].max()))
+                m_within += int((m["score_diff"][ok] <= score_tol).sum())
+            lone = torch.cat([got[1][b][~ok], ref[1][b][~m["ref_matched"]]])
+            if lone.numel():
+                unmatched_score = max(unmatched_score, float(lone.max()))
+            kth = min(kth, float(ref[1][b].min()))
+    return dict(
+        max_abs_box_px=box_diff, max_abs_score=score_diff, topk_agreement=agree / max(total, 1),
+        matched=n_matched / max(total, 1), matched_max_box_px=m_box, matched_max_score=m_score,
+        matched_score_within_tol=m_within / max(n_matched, 1), score_tol=score_tol,
+        unmatched_max_score=unmatched_score, kth_score=kth, images=len(images),
+    )
