@@ -50,7 +50,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 from detectron2.config import LazyConfig, instantiate
 
 from codetr.checkpoint import CoDETRCheckpointer
-from codetr.export import DetectorForExport, export_onnx, onnx_parity
+from codetr.export import export_onnx, match_detections, onnx_parity
 
 
 def get_parser():
@@ -116,31 +116,31 @@ def parity_images(args, cfg, model, size):
     return out
 
 
-def post_step_parity(onnx_path, model, images, soft_nms):
-    """After the graph: the model's own merge step (soft-NMS when configured) on both sides, per image."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    wrapper = DetectorForExport(model).eval()
+def post_step_parity(model, outputs, soft_nms):
+    """After the graph: the model's own merge step (soft-NMS when configured) on both sides, per image, on the
+    ``(eager, onnx)`` candidates of :func:`codetr.export.onnx_parity`."""
     post = model.postprocessor
     saved = post.soft_nms
     post.soft_nms = soft_nms
-    box_diff = score_diff = 0.0
-    same_count = 0
+    box_diff = score_diff = m_score = 0.0
+    same_count = n_matched = total = 0
     try:
-        for img in images:
-            with torch.no_grad():
-                ref = [t[0] for t in wrapper(img)]
-            got = [torch.from_numpy(a)[0] for a in session.run(None, {"images": img.numpy()})]
-            a, b = post.merge(*ref), post.merge(*got)
+        for ref, got in outputs:
+            a, b = post.merge(*[t[0] for t in ref]), post.merge(*[t[0] for t in got])
             n = min(len(a["scores"]), len(b["scores"]))
             same_count += int(len(a["scores"]) == len(b["scores"]))
             if n:
                 box_diff = max(box_diff, float((a["boxes"][:n] - b["boxes"][:n]).abs().max()))
                 score_diff = max(score_diff, float((a["scores"][:n] - b["scores"][:n]).abs().max()))
+            m = match_detections(b["boxes"], b["scores"], b["labels"], a["boxes"], a["scores"], a["labels"])
+            n_matched += int(m["matched"].sum())
+            total += len(b["scores"])
+            if m["matched"].any():
+                m_score = max(m_score, float(m["score_diff"][m["matched"]].max()))
     finally:
         post.soft_nms = saved
-    return dict(max_abs_box_px=box_diff, max_abs_score=score_diff, images_with_same_count=same_count, soft_nms=soft_nms)
+    return dict(max_abs_box_px=box_diff, max_abs_score=score_diff, images_with_same_count=same_count, soft_nms=soft_nms,
+                matched=n_matched / max(total, 1), matched_max_score=m_score)
 
 
 @torch.no_grad()
@@ -180,8 +180,9 @@ def main(argv=None):
     elif args.parity_images > 0 or args.parity_input:
         images = parity_images(args, cfg, model, size)
         start = time.perf_counter()
-        summary["parity_candidates"] = onnx_parity(args.output, model, images)
-        summary["parity_final"] = post_step_parity(args.output, model, images, soft_nms=post.soft_nms and not args.no_soft_nms)
+        outputs = []
+        summary["parity_candidates"] = onnx_parity(args.output, model, images, outputs=outputs)
+        summary["parity_final"] = post_step_parity(model, outputs, soft_nms=post.soft_nms and not args.no_soft_nms)
         summary["parity_s"] = round(time.perf_counter() - start, 1)
         c, f = summary["parity_candidates"], summary["parity_final"]
         print(f"parity on {c['images']} image(s) of {tuple(images[0].shape[2:])}, top-k candidates rank by rank: "
@@ -190,10 +191,12 @@ def main(argv=None):
         print(f"rank-free (same label, mutually nearest box within 1 px): {100 * c['matched']:.2f}% of the candidates "
               f"matched; over the matched: max |box| {c['matched_max_box_px']:.2e} px, max |score| "
               f"{c['matched_max_score']:.2e}, {100 * c['matched_score_within_tol']:.2f}% within {c['score_tol']:g}; "
-              f"best unmatched score {c['unmatched_max_score']:.4f} (k-th score {c['kth_score']:.4f})")
+              + (f"best unmatched score {c['unmatched_max_score']:.4f} (k-th score {c['kth_score']:.4f})"
+                 if c["unmatched_max_score"] is not None else "none unmatched"))
         print(f"after the post-step ({'soft-NMS + ' if f['soft_nms'] else ''}top {post.max_per_img}): max |box| "
               f"{f['max_abs_box_px']:.2e} px, max |score| {f['max_abs_score']:.2e}, same detection count in "
-              f"{f['images_with_same_count']}/{len(images)} image(s)")
+              f"{f['images_with_same_count']}/{len(images)} image(s); rank-free: {100 * f['matched']:.2f}% matched, "
+              f"max |score| over the matched {f['matched_max_score']:.2e}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=1)

@@ -212,7 +212,8 @@ def match_detections(
 
 
 def onnx_parity(
-    onnx_path: str, model: nn.Module, images: List[torch.Tensor], box_tol: float = 1.0, score_tol: float = 1e-4
+    onnx_path: str, model: nn.Module, images: List[torch.Tensor], box_tol: float = 1.0, score_tol: float = 1e-4,
+    outputs: Optional[list] = None,
 ) -> Dict[str, float]:
     """
     ONNX Runtime (CPU) against PyTorch eager (``DetectorForExport(model)``) on the same ``images`` (each a
@@ -226,19 +227,25 @@ def onnx_parity(
       ``matched`` (the fraction of ONNX candidates matched to an eager one), ``matched_max_box_px``,
       ``matched_max_score`` (largest differences over the matched pairs), ``matched_score_within_tol`` (the
       fraction of matched pairs whose scores differ by at most ``score_tol``), and ``unmatched_max_score``,
-      the best score of a candidate found by one side only (on either side), beside ``kth_score``, the lowest
-      eager candidate score: candidates that enter or leave the top-k at its boundary score about that.
+      the best score of a candidate found by one side only (on either side; None when there is none), beside
+      ``kth_score``, the lowest eager candidate score: candidates that enter or leave the top-k at its boundary
+      score about that.
+
+    ``outputs``: a list to which ``(eager, onnx)`` candidates (each a (boxes, scores, labels) tuple) are appended,
+    one pair per image, for further checks without running the model again.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     wrapper = DetectorForExport(model).eval()
     box_diff, score_diff, agree, total = 0.0, 0.0, 0, 0
-    n_matched, m_box, m_score, m_within, unmatched_score, kth = 0, 0.0, 0.0, 0, 0.0, float("inf")
+    n_matched, m_box, m_score, m_within, unmatched_score, kth = 0, 0.0, 0.0, 0, None, float("inf")
     for img in images:
         with torch.no_grad():
             ref = wrapper(img)
         got = [torch.from_numpy(a) for a in session.run(None, {"images": img.numpy()})]
+        if outputs is not None:
+            outputs.append((tuple(ref), tuple(got)))
         db = (got[0] - ref[0]).abs()
         box_diff = max(box_diff, float(db.max()))
         score_diff = max(score_diff, float((got[1] - ref[1]).abs().max()))
@@ -255,7 +262,7 @@ def onnx_parity(
                 m_within += int((m["score_diff"][ok] <= score_tol).sum())
             lone = torch.cat([got[1][b][~ok], ref[1][b][~m["ref_matched"]]])
             if lone.numel():
-                unmatched_score = max(unmatched_score, float(lone.max()))
+                unmatched_score = max(unmatched_score or 0.0, float(lone.max()))
             kth = min(kth, float(ref[1][b].min()))
     return dict(
         max_abs_box_px=box_diff, max_abs_score=score_diff, topk_agreement=agree / max(total, 1),
