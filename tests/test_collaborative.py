@@ -214,6 +214,41 @@ def test_rcnn_losses_and_positives():
     assert all(f.grad is not None for f in feats[:5])
 
 
+def test_rcnn_positive_features_are_the_box_heads_pooled_features():
+    """return_feats reads the positives' features from the box head's RoIAlign output; reference: the sampled boxes
+    pooled again by the same pooler (the previous implementation): the same features and losses bit for bit, and the
+    same gradients on the input maps up to float32 summation order (one RoIAlign backward of the summed gradient
+    instead of two)."""
+    gts = [_inst([[10, 20, 60, 90], [70, 30, 140, 110]], [3, 1], (128, 160)), _inst([[5, 5, 50, 40]], [0], (100, 150))]
+    images = ImageList(torch.zeros(2, 3, 128, 160), [(128, 160), (100, 150)])
+    maps = [f.detach() for f in _feats(2, 128, 160, strides=(8, 16, 32, 64, 128))]
+    torch.manual_seed(0)
+    r = _rcnn(strides=(8, 16, 32, 64, 128), num_roi_levels=4, roi_finest_scale=112)
+    w = torch.randn(512, 32, generator=torch.Generator().manual_seed(1))
+    grads, feats, totals = [], [], []
+    for reuse in (True, False):
+        r.return_feats = reuse
+        inputs = [m.clone().requires_grad_() for m in maps]
+        torch.manual_seed(2)  # the same RPN / RoI sampling in both runs
+        with EventStorage():
+            losses, positives = r(inputs, images, gts)
+        if not reuse:  # the reference: pool the positives' boxes again
+            m = positives[0]["boxes"].shape[0]
+            pooled = r.roi_heads.box_pooler(inputs[:4], [Boxes(p["boxes"]) for p in positives])
+            for p, f in zip(positives, pooled.mean(dim=(2, 3)).split(m)):
+                p["feats"] = f
+        m = positives[0]["boxes"].shape[0]
+        assert m > 100 and all(p["feats"].shape == (m, 32) for p in positives)
+        total = sum(losses.values()) + sum((p["feats"] * w[:m]).sum() for p in positives)
+        grads.append(torch.autograd.grad(total, inputs[:4]))
+        feats.append(torch.cat([p["feats"] for p in positives]))
+        totals.append(total.detach())
+    assert torch.equal(feats[0], feats[1]) and torch.equal(totals[0], totals[1])
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
 def test_rcnn_loss_weights_scale_losses():
     feats = _feats(1, 96, 96)
     gts = [_inst([[10, 20, 60, 90]], [3], (96, 96))]

@@ -329,7 +329,17 @@ class RCNNBranch(nn.Module):
                     )
         feats = self._feature_dict(features)
         proposals, rpn_losses = self.rpn(images, feats, gt_instances)
-        sampled, roi_losses = self.roi_heads(images, feats, proposals, gt_instances)
+        pooled: List[Tensor] = []
+        hook = None
+        if self.return_feats:
+            # the box head's own RoIAlign output (B * 512 sampled RoIs, image-major): the positives' features are
+            # read from it rather than pooled a second time (same values; one RoIAlign forward and backward less)
+            hook = self.roi_heads.box_pooler.register_forward_hook(lambda _m, _inp, out: pooled.append(out))
+        try:
+            sampled, roi_losses = self.roi_heads(images, feats, proposals, gt_instances)
+        finally:
+            if hook is not None:
+                hook.remove()
         i = self.head_index
         losses = {
             f"loss_rpn_cls{i}": rpn_losses["loss_rpn_cls"],
@@ -341,12 +351,12 @@ class RCNNBranch(nn.Module):
             losses[f"loss_mask{i}"] = roi_losses["loss_mask"]
         positives = self.positives(sampled)
         if self.return_feats:
+            if len(pooled) != 1:
+                raise RuntimeError(f"RCNNBranch: the box pooler ran {len(pooled)} times in one training forward")
             m = positives[0]["boxes"].shape[0]
-            pooled = self.roi_heads.box_pooler(
-                [feats[f] for f in self.roi_heads.box_in_features], [p.proposal_boxes[:m] for p in sampled]
-            )  # (B * m, C, R, R), image-major
-            for p, f in zip(positives, pooled.mean(dim=(2, 3)).split(m)):
-                p["feats"] = f
+            per_image = pooled[0].split([len(p) for p in sampled])  # (n_i, C, R, R) each
+            for p, f in zip(positives, per_image):
+                p["feats"] = f[:m].mean(dim=(2, 3))
         return losses, positives
 
     @torch.no_grad()
