@@ -269,6 +269,11 @@ def test_full_official_co_dino_r50_layout_loads_with_zero_missing_and_unexpected
     assert torch.equal(rcnn.roi_heads.box_head.fc2.weight, official["roi_head.0.bbox_head.shared_fcs.1.weight"])
     assert torch.equal(rcnn.roi_heads.box_predictor.cls_score.bias, official["roi_head.0.bbox_head.fc_cls.bias"])
     assert torch.equal(atss.scales[5].scale, official["bbox_head.0.scales.5.scale"])
+    # mmcv ConvModules (conv + gn) -> detectron2 Conv2d(norm=GroupNorm): neck and ATSS towers
+    assert torch.equal(model.neck.convs[1].weight, official["neck.convs.1.conv.weight"])
+    assert torch.equal(model.neck.extra_convs[0].norm.bias, official["neck.extra_convs.0.gn.bias"])
+    assert torch.equal(atss.cls_convs[0].norm.weight, official["bbox_head.0.cls_convs.0.gn.weight"])
+    assert torch.equal(atss.reg_convs[0].weight, official["bbox_head.0.reg_convs.0.conv.weight"])
     # RPN outputs: anchor order changes from ratio-major (mmdet) to size-major (detectron2)
     off_cls = official["rpn_head.rpn_cls.weight"]
     ours_cls = rcnn.rpn.rpn_head.objectness_logits.weight

@@ -66,7 +66,12 @@ _VIT_RULES: List[Rule] = [
 ]
 
 # Swin (official projects/models/swin_transformer.py) and Detectron2's Swin share their names: identity.
-# Necks (ChannelMapper convs/extra_convs with conv/gn; SFP p2..p6) and the one-to-one query head keep their names.
+# SFP p2..p6 and the one-to-one query head keep their names. The ChannelMapper's mmcv ConvModules ("<name>.conv.weight",
+# GN as "<name>.gn.*") are detectron2 Conv2d here ("<name>.weight", "<name>.norm.*").
+_NECK_RULES: List[Rule] = [
+    (r"^neck\.(convs|extra_convs)\.(\d+)\.conv\.weight$", r"neck.\1.\2.weight"),
+    (r"^neck\.(convs|extra_convs)\.(\d+)\.gn\.(weight|bias)$", r"neck.\1.\2.norm.\3"),
+]
 
 # One-to-one head: names kept (the positive-query projections live in query_head.transformer, as officially).
 _HEAD_RULES: List[Rule] = [
@@ -87,7 +92,7 @@ _MASK_RULES: List[Rule] = [
 def _aux_rules(num_roi_heads: int) -> List[Rule]:
     """Auxiliary heads: official ``roi_head.{i}`` (with the shared ``rpn_head``) and ``bbox_head.{j}`` become our
     ``collaborative.aux_heads.{i}`` (an RCNNBranch: detectron2 RPN + StandardROIHeads) and
-    ``collaborative.aux_heads.{num_roi_heads + j}`` (ATSSHead, same names)."""
+    ``collaborative.aux_heads.{num_roi_heads + j}`` (ATSSHead: same names, its towers' ConvModules as detectron2 Conv2d)."""
     return [
         (r"^rpn_head\.rpn_conv\.(\w+)$", r"collaborative.aux_heads.0.rpn.rpn_head.conv.\1"),
         (r"^rpn_head\.rpn_cls\.(\w+)$", r"collaborative.aux_heads.0.rpn.rpn_head.objectness_logits.\1"),
@@ -106,6 +111,11 @@ def _aux_rules(num_roi_heads: int) -> List[Rule]:
         (r"^roi_head\.(\d+)\.mask_head\.upsample\.(\w+)$", r"collaborative.aux_heads.\1.roi_heads.mask_head.deconv.\2"),
         (r"^roi_head\.(\d+)\.mask_head\.conv_logits\.(\w+)$",
          r"collaborative.aux_heads.\1.roi_heads.mask_head.predictor.\2"),
+        # ATSS towers: mmcv ConvModules ("conv.weight", "gn.*") -> detectron2 Conv2d ("weight", "norm.*")
+        (r"^bbox_head\.(\d+)\.(cls_convs|reg_convs)\.(\d+)\.conv\.weight$",
+         lambda m: f"collaborative.aux_heads.{num_roi_heads + int(m[1])}.{m[2]}.{m[3]}.weight"),
+        (r"^bbox_head\.(\d+)\.(cls_convs|reg_convs)\.(\d+)\.gn\.(weight|bias)$",
+         lambda m: f"collaborative.aux_heads.{num_roi_heads + int(m[1])}.{m[2]}.{m[3]}.norm.{m[4]}"),
         (r"^bbox_head\.(\d+)\.(.+)$", lambda m: f"collaborative.aux_heads.{num_roi_heads + int(m[1])}.{m[2]}"),
     ]
 
@@ -165,6 +175,8 @@ def official_to_ours_key(key: str, backbone: str, num_roi_heads: int = 1) -> Tup
             return None, reason
     rules = {"resnet": _RESNET_RULES, "vit": _VIT_RULES}.get(backbone, [])
     new = _apply(rules, key) if key.startswith("backbone.") else None
+    if new is None:
+        new = _apply(_NECK_RULES, key)
     if new is None:
         new = _apply(_HEAD_RULES, key)
     if new is None:

@@ -32,7 +32,7 @@ from detectron2.modeling.box_regression import Box2BoxTransform, Box2BoxTransfor
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 
 from .losses import all_reduce_normalizer
-from .neck import ConvNorm
+from .neck import conv_gn
 
 __all__ = ["ATSSAssigner", "ATSSHead", "Scale"]
 
@@ -229,7 +229,7 @@ class ATSSHead(nn.Module):
         for i in range(stacked_convs):
             c = in_channels if i == 0 else feat_channels
             for towers in (self.cls_convs, self.reg_convs):
-                towers.append(ConvNorm(c, feat_channels, 3, num_groups=num_gn_groups, activation=F.relu, xavier_init=False))
+                towers.append(conv_gn(c, feat_channels, 3, num_groups=num_gn_groups, activation=F.relu))
         self.atss_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.atss_reg = nn.Conv2d(feat_channels, 4, 3, padding=1)
         self.atss_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1)

@@ -4,26 +4,21 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ChannelMapper", "ConvNorm", "InputProjection"]
+from detectron2.layers import Conv2d
+
+__all__ = ["ChannelMapper", "InputProjection", "conv_gn"]
 
 
-class ConvNorm(nn.Module):
-    """Conv2d (no bias) + GroupNorm (+ optional activation); submodule names ``conv`` and ``gn`` as mmcv's
-    ConvModule, so that official checkpoints load without renaming (detectron2's ``Conv2d(norm=...)`` would name
-    them ``weight`` / ``norm``). Used by the ChannelMapper neck and the ATSS head's towers. ``xavier_init``: the
-    neck's initialisation (the ATSS head initialises its convs itself)."""
-
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, num_groups=32, activation=None, xavier_init=True):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
-        self.gn = nn.GroupNorm(num_groups, out_channels)
-        self.activation = activation
-        if xavier_init:
-            nn.init.xavier_uniform_(self.conv.weight)
-
-    def forward(self, x):
-        x = self.gn(self.conv(x))
-        return self.activation(x) if self.activation is not None else x
+def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, num_groups: int = 32,
+            activation=None) -> Conv2d:
+    """Conv2d (no bias, "same" padding) + GroupNorm (+ optional activation) as one detectron2 ``Conv2d``, mmcv's
+    ConvModule(norm_cfg=GN). Parameters ``weight``, ``norm.weight``, ``norm.bias``: the checkpoint converter maps
+    the official ConvModule names ``conv.weight``, ``gn.*`` onto them. Used by the ChannelMapper neck and the ATSS
+    towers; the caller initialises the weight."""
+    return Conv2d(
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False,
+        norm=nn.GroupNorm(num_groups, out_channels), activation=activation,
+    )
 
 
 class ChannelMapper(nn.Module):
@@ -54,13 +49,15 @@ class ChannelMapper(nn.Module):
             )
         self.in_features = list(in_features)
         self.out_channels = out_channels
-        self.convs = nn.ModuleList(
-            [ConvNorm(c, out_channels, kernel_size, num_groups=num_groups) for c in in_channels]
+        def xavier_conv_gn(*args):
+            m = conv_gn(*args)
+            nn.init.xavier_uniform_(m.weight)
+            return m
+
+        self.convs = nn.ModuleList([xavier_conv_gn(c, out_channels, kernel_size, 1, num_groups) for c in in_channels])
+        self.extra_convs = nn.ModuleList(
+            [xavier_conv_gn(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, num_groups) for i in range(num_extra)]
         )
-        extra = []
-        for i in range(num_extra):
-            extra.append(ConvNorm(in_channels[-1] if i == 0 else out_channels, out_channels, 3, 2, num_groups))
-        self.extra_convs = nn.ModuleList(extra)
 
     @property
     def num_outs(self) -> int:
