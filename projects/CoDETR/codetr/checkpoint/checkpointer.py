@@ -11,6 +11,7 @@ further by overriding ``_load_file``; saving stays atomic.
 """
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any
@@ -101,6 +102,31 @@ def _why_corrupt(filename: str, error: BaseException):
     return None
 
 
+_LEGACY_CONV_GN = (
+    (re.compile(r"^(.+)\.conv\.weight$"), r"\1.weight"),
+    (re.compile(r"^(.+)\.gn\.(weight|bias)$"), r"\1.norm.\2"),
+)
+
+
+def rename_legacy_keys(state_dict: dict, model_keys) -> int:
+    """Rename, in place, the conv + GN parameters of checkpoints this project wrote before the neck's and the ATSS
+    towers' ``ConvNorm`` became detectron2 ``Conv2d(norm=...)``: ``<name>.conv.weight`` -> ``<name>.weight`` and
+    ``<name>.gn.{weight,bias}`` -> ``<name>.norm.{weight,bias}``, only where the old key is not a key of the model
+    and the new one is (so no current name is ever touched). Returns the number of renamed keys."""
+    model_keys = set(model_keys)
+    renamed = 0
+    for key in list(state_dict.keys()):
+        if key in model_keys:
+            continue
+        for pattern, repl in _LEGACY_CONV_GN:
+            new = pattern.sub(repl, key)
+            if new != key and new in model_keys and new not in state_dict:
+                state_dict[new] = state_dict.pop(key)
+                renamed += 1
+                break
+    return renamed
+
+
 class CoDETRCheckpointer(OfficialCheckpointMixin, DetectionCheckpointer):
     """:class:`detectron2.checkpoint.DetectionCheckpointer` whose ``save`` is atomic and whose ``load``
     also accepts official (mmdet) Co-DETR checkpoints (converted by :class:`OfficialCheckpointMixin`).
@@ -127,6 +153,16 @@ class CoDETRCheckpointer(OfficialCheckpointMixin, DetectionCheckpointer):
                 f"{filename} is not a valid checkpoint: {reason}. The file is truncated or corrupt (an interrupted "
                 "download, copy or save?); download or copy it again."
             ) from e
+
+    def _load_model(self, checkpoint: Any):
+        """As detectron2's, after renaming the parameters of this project's older checkpoints
+        (:func:`rename_legacy_keys`), so that a model trained before the rename still loads in full."""
+        state = checkpoint.get("model")
+        if isinstance(state, dict):
+            n = rename_legacy_keys(state, self.model.state_dict().keys())
+            if n:
+                logger.info(f"Renamed {n} conv + GN parameter(s) of an older codetr checkpoint (conv/gn -> weight/norm)")
+        return super()._load_model(checkpoint)
 
     def _local_save_dir(self):
         if not self.save_dir:

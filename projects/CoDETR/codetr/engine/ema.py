@@ -74,6 +74,10 @@ class ModelEMA:
         return {"model": self.model.state_dict(), "num_updates": self.num_updates}
 
     def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
+        from ..checkpoint.checkpointer import rename_legacy_keys  # older checkpoints' conv/gn names
+
+        model_state = dict(state["model"])
+        rename_legacy_keys(model_state, self.model.state_dict().keys())
+        self.model.load_state_dict(model_state)
         self.num_updates = int(state["num_updates"])
         self.loaded = True
