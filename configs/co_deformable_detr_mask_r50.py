@@ -18,7 +18,8 @@ official code with this config returns boxes only there (docs/differences.md).
 
 Data: the DETR augmentation with instance masks (``use_instance_mask``, rasterised masks, as the official
 ``LoadAnnotations(with_mask=True)``; boxes are not recomputed after the crop, as the official ``RandomCrop``);
-bbox + segm evaluation with up to 100 detections per image. No official checkpoint of this model is released:
+training keeps the images without objects (official ``filter_empty_gt=False``); bbox + segm evaluation with up to
+100 detections per image. No official checkpoint of this model is released:
 ``model_zoo.get_config("co_deformable_detr_mask_r50.py")`` gives the config; an official-format checkpoint of it
 (``roi_head.0.mask_head.*``) converts on load (codetr.checkpoint.official).
 """
@@ -38,6 +39,7 @@ model.collaborative.aux_heads[0].mask_head = L(MaskRCNNConvUpsampleHead)(
 )
 model.collaborative.aux_heads[0].mask_pooler_resolution = 14
 
+dataloader.train.dataset.filter_empty = False  # official train filter_empty_gt=False: images without objects kept
 dataloader.train.mapper.use_instance_mask = True
 dataloader.train.mapper.instance_mask_format = "bitmask"
 dataloader.evaluator.tasks = ("bbox", "segm")

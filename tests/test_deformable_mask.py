@@ -112,6 +112,7 @@ def test_config_official_settings_round_trip_and_zoo(tmp_path):
     assert (mh.input_shape.channels, mh.input_shape.height, mh.input_shape.width) == (256, 14, 14)
     assert cfg.dataloader.train.mapper.use_instance_mask and cfg.dataloader.train.mapper.instance_mask_format == "bitmask"
     assert tuple(cfg.dataloader.evaluator.tasks) == ("bbox", "segm") and cfg.dataloader.evaluator.max_dets_per_image == 100
+    assert cfg.dataloader.train.dataset.filter_empty is False  # official filter_empty_gt=False
     path = str(tmp_path / "cfg.yaml")
     LazyConfig.save(cfg, path)
     assert not os.path.exists(path + ".pkl")
@@ -142,6 +143,16 @@ def test_bad_settings_raise():
     model.train()
     with EventStorage(), pytest.raises(ValueError, match="gt_masks"):
         model(inputs)
+    # an image without objects needs no masks (the mapper gives it no gt_masks field): it trains
+    from detectron2.structures import Boxes, Instances
+
+    empty = Instances(inputs[1]["instances"].image_size)
+    empty.gt_boxes = Boxes(torch.zeros(0, 4))
+    empty.gt_classes = torch.zeros(0, dtype=torch.int64)
+    inputs[1]["instances"] = empty
+    with EventStorage():
+        losses = model(inputs)
+    assert torch.isfinite(losses["loss_mask0"])
     from codetr.modeling import CoDETR
     from codetr.modeling.mask_head import InstanceMaskBranch, RefineMaskHead
 

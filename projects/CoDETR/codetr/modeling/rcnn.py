@@ -311,7 +311,7 @@ class RCNNBranch(nn.Module):
 
         Returns:
             losses: ``loss_rpn_cls{i}``, ``loss_rpn_bbox{i}``, ``loss_cls{i}``, ``loss_bbox{i}`` (and ``loss_mask{i}``
-                with a mask head; then every image needs ``gt_masks``).
+                with a mask head; then every image with objects needs ``gt_masks``).
             positives: per image ``boxes`` (M, 4) the sampled RoIs (positives first), ``labels`` (M,),
                 ``target_boxes`` (M, 4) their GT boxes (zeros for background), with ``return_feats`` also ``feats``
                 (M, C); M is the same for every image.
@@ -322,7 +322,8 @@ class RCNNBranch(nn.Module):
             )
         if self.with_mask:
             for k, gt in enumerate(gt_instances):
-                if not gt.has("gt_masks"):
+                # an image without objects has no gt_masks field (detectron2's annotations_to_instances): none needed
+                if len(gt) > 0 and not gt.has("gt_masks"):
                     raise ValueError(
                         f"RCNNBranch: the mask head needs gt_masks, image {k} of the batch has none (set "
                         "dataloader.train.mapper.use_instance_mask=True)"
