@@ -23,3 +23,4 @@ model.collaborative = collaborative
 model.collaborative.num_classes = "${..query_head.num_classes}"
 model.eval_module = "detr"
 dataloader.evaluator.max_dets_per_image = 100  # the model keeps its top 100
+dataloader.train.dataset.filter_empty = False  # official filter_empty_gt=False: images without objects train too

@@ -7,3 +7,4 @@ from .common.models.deformable_detr_r50 import model
 
 train.output_dir = "./output/deformable_detr_r50"
 dataloader.evaluator.max_dets_per_image = 100  # the model keeps its top 100
+dataloader.train.dataset.filter_empty = False  # official filter_empty_gt=False: images without objects train too
