@@ -311,7 +311,7 @@ def test_tiny_co_deformable_detr_mask_overfits_to_segm_ap50(tmp_path):
 def test_predictor_returns_masks_at_the_original_size_of_a_non_square_image(tmp_path):
     """codetr.Predictor with the demo instance config (random weights, every mask forced to fill its box, saved as a
     checkpoint): ``pred_masks`` (N, H, W) at the original 150 x 230 image equal to their boxes rasterised by hand,
-    and to the model's masks on the resized 192 x 294 image (the config's test resize) scaled back;
+    and to the model's masks on the resized 224 x 343 image (the config's test resize) scaled back;
     tools/demo.py draws them."""
     import importlib.util
 
@@ -348,7 +348,7 @@ def test_predictor_returns_masks_at_the_original_size_of_a_non_square_image(tmp_
         checked += int(inner.any())
     assert checked > 0
     # the same detections as the model's on the resized image (the config's test resize, by hand), scaled back
-    new_h, new_w = 192, 294  # short side 150 -> 192, long side round(230 * 192 / 150) = 294 (<= 352)
+    new_h, new_w = 224, 343  # short side 150 -> 224, long side round(230 * 224 / 150) = 343 (<= 384)
     resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(rgb)
     with torch.no_grad():
         ref = predictor.model([{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))}])[0]
