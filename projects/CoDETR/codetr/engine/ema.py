@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from ..checkpoint.checkpointer import rename_legacy_keys
+
 __all__ = ["ModelEMA"]
 
 
@@ -74,10 +76,8 @@ class ModelEMA:
         return {"model": self.model.state_dict(), "num_updates": self.num_updates}
 
     def load_state_dict(self, state):
-        from ..checkpoint.checkpointer import rename_legacy_keys  # older checkpoints' conv/gn names
-
         model_state = dict(state["model"])
-        rename_legacy_keys(model_state, self.model.state_dict().keys())
+        rename_legacy_keys(model_state, self.model.state_dict().keys())  # older checkpoints' conv/gn names
         self.model.load_state_dict(model_state)
         self.num_updates = int(state["num_updates"])
         self.loaded = True
