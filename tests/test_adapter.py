@@ -1,5 +1,5 @@
 """The multi-scale adapter: output shapes and strides for single- and multi-scale inputs; the identity path
-returns the encoder maps themselves and, for Co-DINO's levels, the same extra map as the collaborative branch."""
+returns the encoder maps themselves and, for Co-DINO's levels, the extra map as an explicit conv3x3 s2 + GN."""
 import pytest
 import torch
 from torch import nn
@@ -46,28 +46,31 @@ class _MapsHead:
         return self.maps
 
 
-def test_multi_scale_identity_matches_collaborative_branch_bitwise():
+def test_multi_scale_identity_path_and_extra_map():
     torch.manual_seed(0)
     C = 32
     strides = (4, 8, 16, 32, 64)
     shapes = [(24, 20), (12, 10), (6, 5), (3, 3), (2, 2)]
     maps = [torch.randn(2, C, h, w) for h, w in shapes]
-    head = _MapsHead(maps)
-    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=3, embed_dim=C, num_gn_groups=8)
-    expect = branch.encoder_maps(head, {})
-    # Co-DINO's identity path through the adapter: the same maps, bit for bit
+    # pure identity: no parameters, the input tensors themselves
     ident = MultiScaleAdapter(strides, strides, embed_dim=C)
-    assert ident.is_identity and sum(p.numel() for p in ident.parameters()) == 0
+    assert ident.is_identity and ident.identity_levels == [0, 1, 2, 3, 4]
+    assert sum(p.numel() for p in ident.parameters()) == 0
     assert all(a is b for a, b in zip(ident(maps), maps))
-    branch.adapter = ident
-    got = branch.encoder_maps(head, {})
-    assert len(got) == 6 and all(torch.equal(g, e) for g, e in zip(got, expect))
-    # the adapter's own stride-2 level is the branch's extra map (same module layout: conv, GN)
+    # Co-DINO's adapter: the identity path on the 5 encoder levels + one stride-2 level (3x3 s2 conv + GN)
     ad = MultiScaleAdapter(strides, (4, 8, 16, 32, 64, 128), embed_dim=C, num_gn_groups=8)
-    ad.downsample[0].load_state_dict(branch.downsample.state_dict())
-    got = ad(maps)
+    assert not ad.is_identity and ad.identity_levels == [0, 1, 2, 3, 4]
+    assert sum(p.numel() for p in ad.parameters()) == C * C * 9 + C + 2 * C
+    for p in ad.parameters():  # GN's default (1, 0) would hide a swapped weight / bias
+        nn.init.normal_(p)
+    (conv, gn), = ad.downsample
+    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=3, adapter=ad)
+    got = branch.encoder_maps(_MapsHead(maps), {})
     assert len(got) == 6 and all(g is m for g, m in zip(got[:5], maps))
-    assert all(torch.equal(g, e) for g, e in zip(got, expect))
+    expect = nn.functional.group_norm(
+        nn.functional.conv2d(maps[4], conv.weight, conv.bias, stride=2, padding=1), 8, gn.weight, gn.bias
+    )
+    assert got[5].shape == (2, C, 1, 1) and torch.equal(got[5], expect)
 
 
 def test_bad_strides_raise():

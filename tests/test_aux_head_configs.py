@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from codetr import model_zoo
 from codetr.modeling.atss import ATSSHead
+from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.dense_heads import FCOSAuxHead, RetinaNetAuxHead
 from codetr.modeling.rcnn import RCNNBranch
@@ -87,7 +88,8 @@ def tiny_heads(kinds, embed_dim=64, gn=8):
         else:
             heads.append(RetinaNetAuxHead(num_classes=NUM_CLASSES, in_channels=embed_dim, strides=strides,
                                           conv_dims=(embed_dim,), loss_cls_weight=4.0, loss_bbox_weight=4.0, head_index=i))
-    return CollaborativeBranch(aux_heads=heads, num_classes=NUM_CLASSES, embed_dim=embed_dim, num_gn_groups=gn)
+    adapter = MultiScaleAdapter(strides[:-1], strides, embed_dim=embed_dim, num_gn_groups=gn)
+    return CollaborativeBranch(aux_heads=heads, num_classes=NUM_CLASSES, adapter=adapter)
 
 
 HEAD_KEYS = {"rcnn": ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox"), "atss": ("loss_cls", "loss_bbox", "loss_centerness"),

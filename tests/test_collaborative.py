@@ -10,6 +10,7 @@ from torch import nn
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
 
+from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch, get_aux_targets, memory_to_maps
 from codetr.modeling.rcnn import RCNNBranch
@@ -42,15 +43,20 @@ def test_memory_to_maps_inverts_flattening():
 
 
 def test_extra_map_is_conv_s2_gn_of_last_level():
-    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, embed_dim=32, num_gn_groups=8)
+    """Through the adapter's identity path: the encoder maps unchanged + a 3x3 s2 conv + GN of the last one."""
+    adapter = MultiScaleAdapter((8, 16, 32), (8, 16, 32, 64), embed_dim=32, num_gn_groups=8)
+    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, adapter=adapter)
     shapes = torch.tensor([[8, 10], [4, 5], [3, 3]])
     memory = torch.randn(2, 80 + 20 + 9, 32)
     maps = branch.encoder_maps(_StubQueryHead(32), {"memory": memory, "spatial_shapes": shapes})
     assert [tuple(m.shape[-2:]) for m in maps] == [(8, 10), (4, 5), (3, 3), (2, 2)]
-    conv, gn = branch.downsample
-    assert conv.stride == (2, 2) and conv.kernel_size == (3, 3) and gn.num_groups == 8
+    ref = memory_to_maps(memory, shapes)
+    assert all(torch.equal(a, b) for a, b in zip(maps[:3], ref))
+    (down,) = adapter.downsample
+    conv, gn = down
+    assert conv.stride == (2, 2) and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and gn.num_groups == 8
     expected = torch.nn.functional.group_norm(
-        torch.nn.functional.conv2d(maps[2], conv.weight, conv.bias, stride=2, padding=1), 8, gn.weight, gn.bias
+        torch.nn.functional.conv2d(ref[2], conv.weight, conv.bias, stride=2, padding=1), 8, gn.weight, gn.bias
     )
     assert torch.allclose(maps[3], expected, atol=1e-6)
 
@@ -60,17 +66,20 @@ class _Halve(nn.Module):
         return [m[..., ::2, ::2] for m in maps]
 
 
-def test_adapter_maps_the_encoder_maps_before_the_extra_map():
-    """The adapter sees the query head's maps and its output feeds the extra map; a non-protocol head is refused."""
-    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, embed_dim=32, num_gn_groups=8, adapter=_Halve())
+def test_the_heads_read_the_adapter_output():
+    """The adapter sees the query head's maps and its output is what the heads read (nothing appended); a
+    non-protocol head and a missing adapter are refused."""
+    branch = CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, adapter=_Halve())
     shapes = torch.tensor([[8, 10], [4, 6]])
     memory = torch.randn(1, 80 + 24, 32)
     maps = branch.encoder_maps(_StubQueryHead(32), {"memory": memory, "spatial_shapes": shapes})
     ref = memory_to_maps(memory, shapes)
-    assert [tuple(m.shape[-2:]) for m in maps] == [(4, 5), (2, 3), (1, 2)]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(4, 5), (2, 3)]
     assert torch.equal(maps[0], ref[0][..., ::2, ::2]) and torch.equal(maps[1], ref[1][..., ::2, ::2])
     with pytest.raises(TypeError, match="CollaborativeQueryHead"):
         branch({"memory": memory, "spatial_shapes": shapes}, None, [], nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="adapter must be an nn.Module"):
+        CollaborativeBranch(aux_heads=[nn.Identity()], num_classes=K, adapter=None)
 
 
 # ----------------------------------------------------------------------------------------------- get_aux_targets
@@ -300,7 +309,8 @@ def test_branch_runs_heads_and_positive_query_passes():
     torch.manual_seed(0)
     c = 32
     atss = ATSSHead(num_classes=K, in_channels=c, feat_channels=c, num_gn_groups=8)
-    branch = CollaborativeBranch(aux_heads=[_rcnn(), atss], num_classes=K, embed_dim=c, num_gn_groups=8)
+    adapter = MultiScaleAdapter((4, 8, 16, 32, 64), (4, 8, 16, 32, 64, 128), embed_dim=c, num_gn_groups=8)
+    branch = CollaborativeBranch(aux_heads=[_rcnn(), atss], num_classes=K, adapter=adapter)
     h, w = 128, 160
     shapes = torch.tensor([[-(-h // s), -(-w // s)] for s in (4, 8, 16, 32, 64)])
     memory = torch.randn(2, int(shapes.prod(1).sum()), c, requires_grad=True)
@@ -328,7 +338,7 @@ def test_branch_runs_heads_and_positive_query_passes():
     aux_only = sum(v for k, v in losses.items() if "aux" not in k)
     aux_only.backward()
     assert memory.grad is not None and memory.grad.abs().sum() > 0
-    assert branch.downsample[0].weight.grad.abs().sum() > 0
+    assert adapter.downsample[0][0].weight.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------ official behaviours: padding anchors

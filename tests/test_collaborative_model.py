@@ -6,6 +6,7 @@ import torch
 
 from detectron2.utils.events import EventStorage
 
+from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.rcnn import RCNNBranch
@@ -20,26 +21,25 @@ AUX_HEAD_KEYS = {
 }
 
 
-def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32, return_feats=False, **branch_kwargs):
-    """Aux heads on the tiny model's 4 encoder levels (strides 4..32) + the extra stride-64 map; ``branch_kwargs``
-    go to the CollaborativeBranch (``adapter``, ``extra_map``: a single-scale DETR's pyramid of the same strides)."""
+def tiny_collaborative(embed_dim=64, num_classes=NUM_CLASSES, num_gn_groups=32, return_feats=False, adapter=None,
+                       **branch_kwargs):
+    """Aux heads on the tiny model's 4 encoder levels (strides 4..32) + the adapter's stride-64 map (``adapter``:
+    default the identity path on 4..32 + one stride-2 level; a single-scale DETR's pyramid of the same strides);
+    ``branch_kwargs`` go to the CollaborativeBranch. The adapter is built after the heads."""
     strides = (4, 8, 16, 32, 64)
-    return CollaborativeBranch(
-        aux_heads=[
-            RCNNBranch(num_classes=num_classes, in_channels=embed_dim, strides=strides, num_roi_levels=4, fc_dim=64,
-                       rpn_batch_size_per_image=64, rpn_pre_nms_topk=(300, 100), rpn_post_nms_topk=(100, 100),
-                       roi_batch_size_per_image=64,  # small samples keep the CPU test fast
-                       loss_rpn_cls_weight=4.0, loss_rpn_bbox_weight=4.0, loss_cls_weight=4.0, loss_bbox_weight=40.0,
-                       return_feats=return_feats),
-            ATSSHead(num_classes=num_classes, in_channels=embed_dim, feat_channels=embed_dim, strides=strides,
-                     num_gn_groups=num_gn_groups,
-                     loss_cls_weight=4.0, loss_bbox_weight=8.0, loss_centerness_weight=4.0, return_feats=return_feats),
-        ],
-        num_classes=num_classes,
-        embed_dim=embed_dim,
-        num_gn_groups=num_gn_groups,
-        **branch_kwargs,
-    )
+    heads = [
+        RCNNBranch(num_classes=num_classes, in_channels=embed_dim, strides=strides, num_roi_levels=4, fc_dim=64,
+                   rpn_batch_size_per_image=64, rpn_pre_nms_topk=(300, 100), rpn_post_nms_topk=(100, 100),
+                   roi_batch_size_per_image=64,  # small samples keep the CPU test fast
+                   loss_rpn_cls_weight=4.0, loss_rpn_bbox_weight=4.0, loss_cls_weight=4.0, loss_bbox_weight=40.0,
+                   return_feats=return_feats),
+        ATSSHead(num_classes=num_classes, in_channels=embed_dim, feat_channels=embed_dim, strides=strides,
+                 num_gn_groups=num_gn_groups,
+                 loss_cls_weight=4.0, loss_bbox_weight=8.0, loss_centerness_weight=4.0, return_feats=return_feats),
+    ]
+    if adapter is None:
+        adapter = MultiScaleAdapter(strides[:-1], strides, embed_dim=embed_dim, num_gn_groups=num_gn_groups)
+    return CollaborativeBranch(aux_heads=heads, num_classes=num_classes, adapter=adapter, **branch_kwargs)
 
 
 def tiny_codino(**kw):
@@ -89,6 +89,62 @@ def test_training_step_losses_and_gradients():
     sum(losses.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, no_grad
+
+
+class _ExplicitExtraMap(torch.nn.Module):
+    """Independent reference of the aux heads' maps, the way the branch made them before the adapter: the encoder
+    maps themselves + an explicit conv3x3 s2 + GroupNorm of the last one (``weights``: conv w, b, GN w, b)."""
+
+    def __init__(self, weights, num_groups):
+        super().__init__()
+        self.w = torch.nn.ParameterList(weights)
+        self.num_groups = num_groups
+
+    def forward(self, maps):
+        w, b, gn_w, gn_b = self.w
+        extra = torch.nn.functional.conv2d(maps[-1], w, b, stride=2, padding=1)
+        return list(maps) + [torch.nn.functional.group_norm(extra, self.num_groups, gn_w, gn_b)]
+
+
+def test_identity_path_leaves_co_dino_losses_unchanged_bit_for_bit():
+    """Co-DINO with the adapter (identity on the 4 encoder levels + one stride-2 level) vs the same model whose aux
+    maps are built explicitly (encoder maps + conv3x3 s2 + GN, same weights): every loss and every gradient equal
+    (torch.equal) in training mode with a fixed seed; the adapter returns the encoder maps themselves."""
+    torch.manual_seed(0)
+    model = tiny_codino()
+    adapter = model.collaborative.adapter
+    assert adapter.identity_levels == [0, 1, 2, 3] and len(adapter.downsample) == 1
+    (conv, gn), = adapter.downsample
+    with torch.no_grad():  # GN's default (1, 0) would hide a swapped weight / bias
+        gn.weight.normal_()
+        gn.bias.normal_()
+    ref = copy.deepcopy(model)
+    (rconv, rgn), = ref.collaborative.adapter.downsample
+    ref.collaborative.adapter = _ExplicitExtraMap([rconv.weight, rconv.bias, rgn.weight, rgn.bias], gn.num_groups)
+
+    seen = {}
+    adapter.register_forward_hook(lambda m, inp, out: seen.update(inp=inp[0], out=out))
+    batch = _batch(5, counts=(3, 2))
+    results = []
+    for m in (model, ref):
+        m.train()
+        torch.manual_seed(11)  # denoising noise, positive-query sampling
+        with EventStorage():
+            losses = m(copy.deepcopy(batch))
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    assert len(seen["out"]) == 5 and all(seen["out"][i] is seen["inp"][i] for i in range(4))
+    (got, got_grads), (want, want_grads) = results
+    assert AUX_HEAD_KEYS <= set(got) and got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    rename = {"collaborative.adapter.downsample.0.0.weight": "collaborative.adapter.w.0",
+              "collaborative.adapter.downsample.0.0.bias": "collaborative.adapter.w.1",
+              "collaborative.adapter.downsample.0.1.weight": "collaborative.adapter.w.2",
+              "collaborative.adapter.downsample.0.1.bias": "collaborative.adapter.w.3"}
+    assert {rename.get(n, n) for n in got_grads} == set(want_grads)
+    for n, g in got_grads.items():
+        assert torch.equal(g, want_grads[rename.get(n, n)]), n
 
 
 def test_eval_outputs_identical_without_aux_modules():

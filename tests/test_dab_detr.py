@@ -34,7 +34,7 @@ def load(name, overrides=()):
 def tiny_co_dab(embed_dim=64, **kw):
     model = tiny_dab(num_classes=NUM_CLASSES, num_co_heads=2, embed_dim=embed_dim, **kw)
     adapter = MultiScaleAdapter((8,), STRIDES, embed_dim=embed_dim, num_gn_groups=8)
-    model.collaborative = tiny_collaborative(embed_dim=embed_dim, num_gn_groups=8, adapter=adapter, extra_map=False)
+    model.collaborative = tiny_collaborative(embed_dim=embed_dim, num_gn_groups=8, adapter=adapter)
     return model
 
 
@@ -134,7 +134,7 @@ def test_eval_outputs_identical_without_aux_modules():
 def test_aux_head_list_is_checked():
     heads = tiny_collaborative(embed_dim=32, num_gn_groups=8).aux_heads
     with pytest.raises(ValueError, match=r"aux_heads\[0\] \(ATSSHead\) has head_index=1"):
-        CollaborativeBranch(aux_heads=[heads[1]], num_classes=NUM_CLASSES, embed_dim=32, num_gn_groups=8)
+        CollaborativeBranch(aux_heads=[heads[1]], num_classes=NUM_CLASSES, adapter=MultiScaleAdapter(STRIDES, STRIDES))
     m = tiny_dab(num_co_heads=1, embed_dim=32)
     with pytest.raises(ValueError, match="1 positive-query projections .* 2 auxiliary heads"):
         CoDETR(backbone=m.backbone, neck=m.neck, query_head=m.query_head, pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3,
@@ -158,7 +158,8 @@ def test_configs_build_and_baseline_override():
     assert (t.num_encoder_layers, t.num_decoder_layers, t.num_queries, t.modulate_hw_attn) == (6, 6, 300, True)
     assert (qh.criterion.cls_loss, qh.criterion.loss_cls_weight, qh.criterion.loss_bbox_weight) == ("focal", 1.0, 5.0)
     assert qh.num_co_heads == 2 and (m.postprocessor.max_per_img, m.postprocessor.soft_nms) == (100, False)
-    assert tuple(m.collaborative.adapter.out_strides) == (8, 16, 32, 64, 128) and not m.collaborative.extra_map
+    assert tuple(m.collaborative.adapter.in_strides) == (32,)
+    assert tuple(m.collaborative.adapter.out_strides) == (8, 16, 32, 64, 128)
     rcnn, atss = m.collaborative.aux_heads
     assert (rcnn.loss_cls_weight, rcnn.loss_bbox_weight, atss.loss_bbox_weight, atss.head_index) == (12, 120, 24, 1)
     co = instantiate(m)

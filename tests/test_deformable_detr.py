@@ -63,7 +63,7 @@ def test_full_official_co_deformable_detr_r50_key_list_loads_with_zero_missing_a
     assert torch.equal(t.pos_feats_norm[0].bias, official["query_head.transformer.pos_feats_norm.0.bias"])
     assert torch.equal(t.pos_trans.weight, official["query_head.transformer.pos_trans.weight"])
     assert torch.equal(model.query_head.query_embedding.weight, official["query_head.query_embedding.weight"])
-    assert torch.equal(model.collaborative.downsample[0].weight, official["query_head.downsample.0.weight"])
+    assert torch.equal(model.collaborative.adapter.downsample[0][0].weight, official["query_head.downsample.0.weight"])
     assert torch.equal(model.collaborative.aux_heads[1].scales[4].scale, official["bbox_head.0.scales.4.scale"])
     assert torch.equal(model.neck.convs[2].norm.weight, official["neck.convs.2.gn.weight"])
     assert torch.equal(model.neck.extra_convs[0].weight, official["neck.extra_convs.0.conv.weight"])

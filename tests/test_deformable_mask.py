@@ -22,6 +22,7 @@ from torchvision.ops import roi_align
 from codetr import model_zoo
 from codetr.checkpoint.official import convert_official_state_dict
 from codetr.modeling.atss import ATSSHead
+from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.rcnn import RCNNBranch
 from dino_utils import one_thread, tiny_deformable  # noqa: F401 (fixture)
@@ -62,8 +63,7 @@ def tiny_mask_collaborative(embed_dim=32, num_classes=NUM_CLASSES, finest_scale=
                      return_feats=True),
         ],
         num_classes=num_classes,
-        embed_dim=embed_dim,
-        num_gn_groups=8,
+        adapter=MultiScaleAdapter(strides[:-1], strides, embed_dim=embed_dim, num_gn_groups=8),
     )
 
 

@@ -234,19 +234,9 @@ def test_cli_help_and_conversion(tmp_path, capsys):
 
 def co_dino_r50_model():
     """Our full Co-DINO R50 (one-to-one head + collaborative branch with the Faster R-CNN and ATSS heads)."""
-    from detectron2.config import LazyCall as L
     from detectron2.config import LazyConfig, instantiate
 
     cfg = LazyConfig.load(os.path.join(REPO, "configs", "co_dino_r50.py"))
-    if cfg.model.get("collaborative") is None:  # wire the auxiliary heads if the config does not (yet)
-        from codetr.modeling.atss import ATSSHead
-        from codetr.modeling.collaborative import CollaborativeBranch
-        from codetr.modeling.rcnn import RCNNBranch
-
-        cfg.model.query_head.transformer.num_co_heads = 2
-        cfg.model.collaborative = L(CollaborativeBranch)(
-            aux_heads=[L(RCNNBranch)(num_classes=80), L(ATSSHead)(num_classes=80)], num_classes=80
-        )
     return instantiate(cfg.model)
 
 
@@ -264,7 +254,10 @@ def test_full_official_co_dino_r50_layout_loads_with_zero_missing_and_unexpected
     assert torch.equal(qh.transformer.decoder.layers[2].attentions[0].attn.in_proj_weight,
                        official["query_head.transformer.decoder.layers.2.attentions.0.attn.in_proj_weight"])
     assert torch.equal(qh.transformer.aux_pos_trans[1].weight, official["query_head.transformer.aux_pos_trans.1.weight"])
-    assert torch.equal(co.downsample[1].bias, official["query_head.downsample.1.bias"])
+    # the official extra map is the adapter's stride-128 level; the encoder levels pass through unchanged
+    assert co.adapter.identity_levels == [0, 1, 2, 3, 4] and len(co.adapter.downsample) == 1
+    assert torch.equal(co.adapter.downsample[0][0].weight, official["query_head.downsample.0.weight"])
+    assert torch.equal(co.adapter.downsample[0][1].bias, official["query_head.downsample.1.bias"])
     rcnn, atss = co.aux_heads[0], co.aux_heads[1]
     assert torch.equal(rcnn.roi_heads.box_head.fc2.weight, official["roi_head.0.bbox_head.shared_fcs.1.weight"])
     assert torch.equal(rcnn.roi_heads.box_predictor.cls_score.bias, official["roi_head.0.bbox_head.fc_cls.bias"])

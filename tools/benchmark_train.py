@@ -336,14 +336,15 @@ def small_model(num_classes, collaborative, pair="dino", aux_heads=("rcnn", "ats
         unknown = sorted(set(aux_heads) - set(make))
         if unknown:
             raise ValueError(f"unknown auxiliary heads {unknown}; known: {sorted(make)}")
-        adapter = MultiScaleAdapter((16,), aux_strides, embed_dim=C) if pair == "dab" else None
-        collab = CollaborativeBranch(
-            aux_heads=[make[name](i) for i, name in enumerate(aux_heads)],
-            num_classes=num_classes,
-            embed_dim=C,
-            adapter=adapter,
-            extra_map=adapter is None,  # the adapter makes the stride-64 and -128 maps itself
-        )
+        # DAB-DETR: a pyramid from its one stride-16 map; otherwise the identity path on the encoder's strides
+        # 8..64 + one stride-2 level. Built before / after the heads as the measured runs of docs/collaborative.md
+        # were (the order in which the initialisation draws its random numbers).
+        if pair == "dab":
+            adapter = MultiScaleAdapter((16,), aux_strides, embed_dim=C)
+        heads = [make[name](i) for i, name in enumerate(aux_heads)]
+        if pair != "dab":
+            adapter = MultiScaleAdapter(strides, aux_strides, embed_dim=C)
+        collab = CollaborativeBranch(aux_heads=heads, num_classes=num_classes, adapter=adapter)
     return CoDETR(backbone=SmallBackbone(64), neck=neck, query_head=head, pixel_mean=[123.675, 116.28, 103.53],
                   pixel_std=[58.395, 57.12, 57.375], size_divisibility=32, collaborative=collab,
                   postprocessor=post)

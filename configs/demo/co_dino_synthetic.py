@@ -25,6 +25,7 @@ from codetr.modeling import (
     DINOTransformer,
     HungarianMatcher,
 )
+from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.rcnn import RCNNBranch
@@ -113,8 +114,10 @@ model = L(CoDETR)(
             ),
         ],
         num_classes="${..query_head.num_classes}",
-        embed_dim=DIM,
         max_queries=50,
+        # the encoder maps (identity path) + one 3x3 stride-2 conv + GN; after the heads, so that the initialisation
+        # draws the same numbers as before the adapter
+        adapter=L(MultiScaleAdapter)(in_strides=AUX_STRIDES[:-1], out_strides=AUX_STRIDES, embed_dim=DIM),
     ),
     pixel_mean=[123.675, 116.28, 103.53],
     pixel_std=[58.395, 57.12, 57.375],

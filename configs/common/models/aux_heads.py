@@ -16,7 +16,7 @@ from codetr.modeling.rcnn import RCNNBranch
 
 W = 6 * 2.0  # num_dec_layer * lambda_2
 
-CO_DINO_STRIDES = (4, 8, 16, 32, 64, 128)  # Co-DINO: the 5 encoder maps + the branch's extra map
+CO_DINO_STRIDES = (4, 8, 16, 32, 64, 128)  # Co-DINO: the 5 encoder maps + the adapter's stride-128 map
 SINGLE_SCALE_STRIDES = (8, 16, 32, 64, 128)  # a single-scale DETR: the adapter's pyramid (Co-Deformable-DETR too)
 
 

@@ -13,7 +13,5 @@ from .aux_heads import SINGLE_SCALE_STRIDES, atss, rcnn
 collaborative = L(CollaborativeBranch)(
     aux_heads=[rcnn(0, SINGLE_SCALE_STRIDES, roi_finest_scale=112), atss(1, SINGLE_SCALE_STRIDES)],
     num_classes=80,
-    embed_dim=256,
     adapter=L(MultiScaleAdapter)(in_strides=(32,), out_strides=SINGLE_SCALE_STRIDES, embed_dim=256),
-    extra_map=False,  # the adapter makes the stride-64 and stride-128 maps
 )

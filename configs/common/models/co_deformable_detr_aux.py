@@ -1,10 +1,12 @@
 # The collaborative branch of Co-Deformable-DETR R50 (official co_deformable_detr_r50_1x_coco): a Faster R-CNN head
 # (aux head 0: RPN on strides 8..128, RoIAlign on 8..64 with finest_scale 112) and an ATSS head (aux head 1, strides
-# 8..128) on the 4 encoder maps + the learned stride-128 map, losses x12 (num_dec_layer * lambda_2 = 6 * 2). Both
+# 8..128) on the 4 encoder maps + the learned stride-128 map (the multi-scale adapter's identity path + one 3x3
+# stride-2 conv + GN), losses x12 (num_dec_layer * lambda_2 = 6 * 2). Both
 # heads return their positives' features (RoI features averaged / the map at the anchor), which Co-Deformable-DETR's
 # positive queries add to their content. The query head's transformer needs ``num_co_heads=2``.
 from detectron2.config import LazyCall as L
 
+from codetr.modeling.adapter import MultiScaleAdapter
 from codetr.modeling.atss import ATSSHead
 from codetr.modeling.collaborative import CollaborativeBranch
 from codetr.modeling.rcnn import RCNNBranch
@@ -37,4 +39,6 @@ collaborative = L(CollaborativeBranch)(
         ),
     ],
     num_classes=80,
+    # after the heads: instantiated in this order, the initialisation draws the same numbers as before the adapter
+    adapter=L(MultiScaleAdapter)(in_strides=STRIDES[:-1], out_strides=STRIDES, embed_dim=256),
 )

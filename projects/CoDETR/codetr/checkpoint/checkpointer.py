@@ -106,20 +106,37 @@ _LEGACY_CONV_GN = (
     (re.compile(r"^(.+)\.conv\.weight$"), r"\1.weight"),
     (re.compile(r"^(.+)\.gn\.(weight|bias)$"), r"\1.norm.\2"),
 )
+# the collaborative branch's own extra stride-2 map (conv + GN), now the adapter's last coarser level
+_LEGACY_EXTRA_MAP = re.compile(r"^((?:.+\.)?collaborative)\.downsample\.([01])\.(weight|bias)$")
+_ADAPTER_DOWN = re.compile(r"^((?:.+\.)?collaborative)\.adapter\.downsample\.(\d+)\.")
 
 
 def rename_legacy_keys(state_dict: dict, model_keys) -> int:
-    """Rename, in place, the conv + GN parameters of checkpoints this project wrote before the neck's and the ATSS
-    towers' ``ConvNorm`` became detectron2 ``Conv2d(norm=...)``: ``<name>.conv.weight`` -> ``<name>.weight`` and
-    ``<name>.gn.{weight,bias}`` -> ``<name>.norm.{weight,bias}``, only where the old key is not a key of the model
-    and the new one is (so no current name is ever touched). Returns the number of renamed keys."""
+    """Rename, in place, the parameters of checkpoints this project wrote before two renames, only where the old key
+    is not a key of the model and the new one is (so no current name is ever touched):
+
+    - the neck's and the ATSS towers' ``ConvNorm`` became detectron2 ``Conv2d(norm=...)``: ``<name>.conv.weight``
+      -> ``<name>.weight`` and ``<name>.gn.{weight,bias}`` -> ``<name>.norm.{weight,bias}``;
+    - the collaborative branch's extra stride-2 map moved into its adapter: ``collaborative.downsample.{0,1}.*`` ->
+      ``collaborative.adapter.downsample.{k}.{0,1}.*``, k the adapter's last coarser level (Co-DINO,
+      Co-Deformable-DETR: 0, their only one).
+
+    Returns the number of renamed keys."""
     model_keys = set(model_keys)
+    last_down = {}  # collaborative prefix -> index of its adapter's last downsample level
+    for key in model_keys:
+        m = _ADAPTER_DOWN.match(key)
+        if m:
+            last_down[m[1]] = max(last_down.get(m[1], 0), int(m[2]))
     renamed = 0
     for key in list(state_dict.keys()):
         if key in model_keys:
             continue
-        for pattern, repl in _LEGACY_CONV_GN:
-            new = pattern.sub(repl, key)
+        candidates = [pattern.sub(repl, key) for pattern, repl in _LEGACY_CONV_GN]
+        m = _LEGACY_EXTRA_MAP.match(key)
+        if m and m[1] in last_down:
+            candidates.append(f"{m[1]}.adapter.downsample.{last_down[m[1]]}.{m[2]}.{m[3]}")
+        for new in candidates:
             if new != key and new in model_keys and new not in state_dict:
                 state_dict[new] = state_dict.pop(key)
                 renamed += 1
@@ -161,7 +178,10 @@ class CoDETRCheckpointer(OfficialCheckpointMixin, DetectionCheckpointer):
         if isinstance(state, dict):
             n = rename_legacy_keys(state, self.model.state_dict().keys())
             if n:
-                logger.info(f"Renamed {n} conv + GN parameter(s) of an older codetr checkpoint (conv/gn -> weight/norm)")
+                logger.info(
+                    f"Renamed {n} parameter(s) of an older codetr checkpoint (conv/gn -> weight/norm, "
+                    "collaborative.downsample -> collaborative.adapter.downsample)"
+                )
         return super()._load_model(checkpoint)
 
     def _local_save_dir(self):

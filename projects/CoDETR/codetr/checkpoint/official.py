@@ -75,8 +75,9 @@ _NECK_RULES: List[Rule] = [
 
 # One-to-one head: names kept (the positive-query projections live in query_head.transformer, as officially).
 _HEAD_RULES: List[Rule] = [
-    # the extra stride-2 map of the auxiliary heads (conv + GN) belongs to our collaborative branch
-    (r"^query_head\.downsample\.(\d+\.\w+)$", r"collaborative.downsample.\1"),
+    # the extra stride-2 map of the auxiliary heads (conv + GN) is the first coarser level of our collaborative
+    # branch's adapter (MultiScaleAdapter: identity on the encoder levels + this map)
+    (r"^query_head\.downsample\.(\d+\.\w+)$", r"collaborative.adapter.downsample.0.\1"),
 ]
 
 

@@ -77,7 +77,7 @@ class ModelEMA:
 
     def load_state_dict(self, state):
         model_state = dict(state["model"])
-        rename_legacy_keys(model_state, self.model.state_dict().keys())  # older checkpoints' conv/gn names
+        rename_legacy_keys(model_state, self.model.state_dict().keys())  # older checkpoints' parameter names
         self.model.load_state_dict(model_state)
         self.num_updates = int(state["num_updates"])
         self.loaded = True

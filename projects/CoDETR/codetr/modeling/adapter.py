@@ -11,8 +11,10 @@ the official Co-DETR, coarser levels by stride-2 convolutions. One module covers
 * coarser than the coarsest input (ratio 2^k): a 3x3 stride-2 conv + GroupNorm on the next finer output (the
   extra map of Co-DINO is the first such level).
 
-Single-scale DAB-DETR: ``in_strides=(32,)``, ``out_strides=(8, 16, 32, 64, 128)``. Co-DINO: ``(4, 8, 16, 32, 64)``
--> ``(4, ..., 128)`` (identity + one stride-2 level).
+Single-scale DAB-DETR: ``in_strides=(32,)``, ``out_strides=(8, 16, 32, 64, 128)``. Co-DINO (R50, Swin-L, ViT-L):
+``(4, 8, 16, 32, 64)`` -> ``(4, ..., 128)``; Co-Deformable-DETR: ``(8, 16, 32, 64)`` -> ``(8, ..., 128)``: the
+identity path (the encoder maps, unchanged: :attr:`MultiScaleAdapter.identity_levels`) + one stride-2 level, whose
+conv + GN is the official ``query_head.downsample``.
 """
 from typing import List, Sequence
 
@@ -91,6 +93,11 @@ class MultiScaleAdapter(nn.Module):
     def is_identity(self) -> bool:
         """True when every output is an input map (no parameters)."""
         return all(kind == "in" for kind, _ in self._plan)
+
+    @property
+    def identity_levels(self) -> List[int]:
+        """Indices of the outputs that are input maps, returned unchanged (the same tensors)."""
+        return [i for i, (kind, _) in enumerate(self._plan) if kind == "in"]
 
     def forward(self, features: Sequence[Tensor]) -> List[Tensor]:
         """

@@ -5,11 +5,12 @@ query, so the encoder gets sparse supervision and the decoder few positives. Co-
 
 1. **Encoder maps**. The query head gives its encoder output as multi-scale maps
    (``query_head.encoder_maps(enc_ctx)``; a deformable encoder's memory ``(B, sum h_l*w_l, C)`` cut back into the
-   maps ``(B, C, h_l, w_l)`` it was flattened from, :func:`memory_to_maps`), an optional ``adapter`` module turns
-   them into the auxiliary heads' pyramid (none for multi-scale DETRs; a simple feature pyramid for single-scale
-   ones), and one extra map is made from the last one by a 3x3 stride-2 conv + GroupNorm(32)
-   (``CollaborativeBranch.downsample``). Co-DINO: 5 + 1 = 6 maps, strides 4..128. The auxiliary heads read these
-   maps -- never the neck's -- so their losses train the encoder.
+   maps ``(B, C, h_l, w_l)`` it was flattened from, :func:`memory_to_maps`) and the ``adapter``
+   (:class:`codetr.modeling.adapter.MultiScaleAdapter`) turns them into the auxiliary heads' pyramid. For a
+   multi-scale DETR (Co-DINO, Co-Deformable-DETR) that is the identity path: the encoder maps themselves, plus one
+   coarser map made from the last one by a 3x3 stride-2 conv + GroupNorm(32) (Co-DINO: 5 + 1 = 6 maps, strides
+   4..128); for a single-scale one (Co-DAB-DETR) a simple feature pyramid. The auxiliary heads read these maps --
+   never the neck's -- so their losses train the encoder.
 
 2. **Auxiliary heads with one-to-many assignment** (``aux_heads``, index = position in the list). Co-DINO has
    two: head 0 is Faster R-CNN (:class:`codetr.modeling.rcnn.RCNNBranch`: RPN on 6 maps, RoI head on the first
@@ -192,10 +193,7 @@ class CollaborativeBranch(nn.Module):
         *,
         aux_heads: Sequence[nn.Module],
         num_classes: int,
-        embed_dim: int = 256,
-        num_gn_groups: int = 32,
-        extra_map: bool = True,
-        adapter: Optional[nn.Module] = None,
+        adapter: nn.Module,
         min_queries: int = 9,
         max_queries: int = 300,
         with_pos_queries: bool = True,
@@ -206,9 +204,9 @@ class CollaborativeBranch(nn.Module):
                 ``(features, images, gt_instances)`` to ``(losses, positives)`` and has
                 ``inference(features, images) -> list[Instances]`` and an ``eval_name``.
             num_classes: foreground classes (background label = num_classes).
-            extra_map: append the stride-2 conv + GN map to the encoder maps (True for Co-DETR).
-            adapter: optional module mapping the query head's encoder maps (list of (B, C, h, w)) to the maps the
-                auxiliary heads read (before the extra map); None = the encoder maps themselves (multi-scale DETRs).
+            adapter: maps the query head's encoder maps (list of (B, C, h_l, w_l), finest first) to the maps the
+                auxiliary heads read (a :class:`codetr.modeling.adapter.MultiScaleAdapter`; Co-DINO:
+                ``in_strides=(4, 8, 16, 32, 64), out_strides=(4, ..., 128)``: the encoder maps + one stride-2 map).
             min_queries, max_queries: bounds of the per-image number of positive-query slots (9, 300).
             with_pos_queries: run the positive-query decoder passes (False trains only the aux heads).
         """
@@ -222,19 +220,17 @@ class CollaborativeBranch(nn.Module):
                     f"CollaborativeBranch: aux_heads[{i}] ({type(head).__name__}) has head_index={index}: each head's "
                     "head_index must be its position in the list (it names its loss keys)"
                 )
+        if not isinstance(adapter, nn.Module):
+            raise TypeError(
+                f"CollaborativeBranch: adapter must be an nn.Module mapping the encoder maps to the auxiliary heads' "
+                f"maps (e.g. MultiScaleAdapter), got {type(adapter).__name__}"
+            )
         self.aux_heads = nn.ModuleList(aux_heads)
         self.num_classes = num_classes
         self.min_queries = min_queries
         self.max_queries = max_queries
         self.with_pos_queries = with_pos_queries
         self.adapter = adapter
-        if extra_map:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(embed_dim, embed_dim, kernel_size=3, stride=2, padding=1),
-                nn.GroupNorm(num_gn_groups, embed_dim),
-            )
-        else:
-            self.downsample = None
 
     @property
     def with_mask(self) -> bool:
@@ -251,13 +247,8 @@ class CollaborativeBranch(nn.Module):
             )
 
     def encoder_maps(self, query_head: "CollaborativeQueryHead", enc_ctx: Dict) -> List[Tensor]:
-        """The auxiliary heads' maps: the query head's encoder maps (through the adapter) + the extra stride-2 map."""
-        maps = list(query_head.encoder_maps(enc_ctx))
-        if self.adapter is not None:
-            maps = list(self.adapter(maps))
-        if self.downsample is not None:
-            maps.append(self.downsample(maps[-1]))
-        return maps
+        """The auxiliary heads' maps: the query head's encoder maps through the adapter."""
+        return list(self.adapter(list(query_head.encoder_maps(enc_ctx))))
 
     @staticmethod
     def _image_sizes(enc_ctx: Dict, images: ImageList) -> List[Tuple[int, int]]:
@@ -356,7 +347,4 @@ class CollaborativeBranch(nn.Module):
         heads = [h for h in self.aux_heads if getattr(h, "with_mask", False)]
         if not heads:
             raise ValueError("CollaborativeBranch.mask_inference: no auxiliary head has a mask head")
-        maps = list(query_head.encoder_maps(enc_ctx))
-        if self.adapter is not None:
-            maps = list(self.adapter(maps))
-        return heads[0].mask_inference(maps, detections)
+        return heads[0].mask_inference(self.encoder_maps(query_head, enc_ctx), detections)
