@@ -8,12 +8,15 @@ Examples::
     python tools/demo.py --config-file configs/co_dino_r50.py --checkpoint co_dino_r50.pth \\
         --input photos/ --output vis/ --score-threshold 0.3 --device cuda
     python tools/demo.py --config-file cfg.py --checkpoint model.pth --video-input clip.mp4 --output vis/clip.mp4
+    python tools/demo.py --config-file cfg.py --checkpoint model.pth --video-input clip.mp4 --output vis/ --compile
 
 Boxes are drawn with Detectron2's Visualizer, labelled with the dataset's class names
 (``dataloader.test.dataset.names`` of the config) and scores; detections below ``--score-threshold`` are
 hidden (DETR-style models always return their top-k boxes, most of them with low scores). The test-time
 resize of the config (``dataloader.test.mapper.augmentations``) is applied to every image: the script runs
-``codetr.Predictor``.
+``codetr.Predictor``; ``--compile`` runs its ``compile=True`` path (torch.compile, inductor: the same detections up
+to float rounding; the first image compiles, and a few more image sizes compile again before the dynamic-shape
+graph serves every size), worth it for a video or many images.
 """
 import argparse
 import glob
@@ -74,6 +77,8 @@ def get_parser():
                         help="output folder (images), or a file / folder for the video (.mp4)")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="hide detections below this score")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (codetr.Predictor(compile=True)): slow first image, faster after")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides key=value")
     return parser
 
@@ -91,7 +96,8 @@ def main(argv=None):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     # cv2 reads BGR; the Predictor converts to the model's channel order and applies the config's test resize
-    predictor = Predictor(cfg, args.checkpoint, args.device, input_format="BGR", score_threshold=args.score_threshold)
+    predictor = Predictor(cfg, args.checkpoint, args.device, input_format="BGR", score_threshold=args.score_threshold,
+                          compile=args.compile)
     names = cfg.dataloader.test.dataset.names if "test" in cfg.dataloader else None
     metadata = MetadataCatalog.get(names if isinstance(names, str) else names[0]) if names else None
 

@@ -220,8 +220,19 @@ class CoDETR(nn.Module):
         else:
             logits, boxes = self.query_head(features, masks, None, norm_sizes)
             dets = self.postprocessor(logits, boxes, norm_sizes)
+        instances = self.detections_to_instances(dets, images.image_sizes)
+        if self.eval_module == "detr" and self.mask_branch is not None:
+            instances = self.mask_branch.inference(self.query_head.encoder_maps(enc_ctx), instances)
+        elif self.eval_module == "detr" and self.aux_masks:  # Co-Deformable-DETR-mask: on the query head's boxes
+            instances = self.collaborative.mask_inference(self.query_head, enc_ctx, instances)
+        return self.rescale_instances(batched_inputs, instances, images.image_sizes)
+
+    @staticmethod
+    def detections_to_instances(dets: List[Dict[str, torch.Tensor]], image_sizes) -> List[Instances]:
+        """The post-processor's per-image ``boxes`` / ``scores`` / ``labels`` (and ``masks``) -> ``Instances`` of
+        each (h, w) in ``image_sizes`` (the inputs' sizes before padding), boxes clipped to it."""
         instances = []
-        for det, image_size in zip(dets, images.image_sizes):
+        for det, image_size in zip(dets, image_sizes):
             inst = Instances(image_size)
             inst.pred_boxes = Boxes(det["boxes"])
             inst.pred_boxes.clip(image_size)
@@ -230,12 +241,13 @@ class CoDETR(nn.Module):
             if "masks" in det:  # eval_module="rcnn" with a mask head: the RoI head's masks of its own boxes
                 inst.pred_masks = det["masks"]
             instances.append(inst)
-        if self.eval_module == "detr" and self.mask_branch is not None:
-            instances = self.mask_branch.inference(self.query_head.encoder_maps(enc_ctx), instances)
-        elif self.eval_module == "detr" and self.aux_masks:  # Co-Deformable-DETR-mask: on the query head's boxes
-            instances = self.collaborative.mask_inference(self.query_head, enc_ctx, instances)
+        return instances
+
+    @staticmethod
+    def rescale_instances(batched_inputs: List[Dict], instances: List[Instances], image_sizes) -> List[Dict]:
+        """``[{"instances": ...}]`` rescaled from each input's size to its "height" / "width" (when given)."""
         results = []
-        for x, inst, image_size in zip(batched_inputs, instances, images.image_sizes):
+        for x, inst, image_size in zip(batched_inputs, instances, image_sizes):
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
             results.append({"instances": detector_postprocess(inst, height, width)})

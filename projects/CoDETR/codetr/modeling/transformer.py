@@ -293,7 +293,8 @@ class MultiScaleTransformer(nn.Module):
         pos = torch.cat(poss, 1)
         mask_flatten = torch.cat(flat_masks, 1)
         device = src.device
-        if torch.compiler.is_exporting():  # sizes may be symbolic: keep them in the graph, not specialised
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            # sizes may be symbolic (dynamic shapes): keep them in the graph, not specialised to this input's
             spatial_shapes = torch.stack(
                 [torch.stack([torch.scalar_tensor(d, dtype=torch.int64, device=device) for d in hw]) for hw in shapes]
             )
