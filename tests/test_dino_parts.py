@@ -385,6 +385,61 @@ def test_encoder_proposals_mark_padding_and_edges():
     torch.testing.assert_close(props[0, 16].sigmoid(), torch.tensor([0.25, 0.25, 0.1, 0.1]))
 
 
+def test_topk_proposals_skip_padded_and_invalid_tokens():
+    """Brute force: the k best scores among tokens whose proposal is finite; padded tokens only when k exceeds the
+    valid count (then after every valid one)."""
+    from codetr.modeling.transformer import select_topk_proposals
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 12, generator=g)
+    coords = torch.randn(2, 12, 4, generator=g)
+    invalid = torch.zeros(2, 12, dtype=torch.bool)
+    invalid[0, [1, 4, 5]] = True
+    invalid[1, 6:] = True
+    scores[invalid] += 100.0  # padded tokens score highest: a plain top-k would take them first
+    coords[invalid] = float("inf")
+    for k in (3, 6, 8):
+        idx = select_topk_proposals(scores, coords, k)
+        for b in range(2):
+            valid = [i for i in range(12) if not invalid[b, i]]
+            ref = sorted(valid, key=lambda i: -float(scores[b, i]))
+            got = idx[b].tolist()
+            assert len(set(got)) == k and set(ref[:k]) <= set(got), (b, k)  # all valid ones first
+            assert all(invalid[b, i] for i in got if i not in ref[:k])
+
+
+def test_dino_query_selection_never_picks_padding_when_it_scores_highest():
+    """A real DINOTransformer on a padded batch with a class branch that scores zeroed (padded) memory highest:
+    every reference box of the queries is a finite box inside the image, and they are the top valid tokens."""
+    from codetr.modeling.transformer import DINOTransformer
+
+    torch.manual_seed(0)
+    C = 16
+    t = DINOTransformer(embed_dim=C, num_heads=4, num_levels=2, num_points=1, num_encoder_layers=1,
+                        num_decoder_layers=1, ffn_dim=32, num_queries=6)
+    feats = [torch.randn(2, C, 4, 4), torch.randn(2, C, 2, 2)]
+    masks = [torch.zeros(2, 4, 4, dtype=torch.bool), torch.zeros(2, 2, 2, dtype=torch.bool)]
+    masks[0][1, :, 2:] = True  # image 1 is half as wide
+    masks[1][1, :, 1:] = True
+    ctx = t.encode(feats, masks)
+    nn.init.zeros_(t.enc_output.bias)  # zeroed (padded) memory -> enc_output -> LayerNorm = exactly 0
+
+    class NegNorm(torch.nn.Module):  # LayerNorm(0) = 0 at padding -> score 0 > every valid token's
+        def forward(self, x):
+            return -x.abs().sum(-1, keepdim=True).expand(*x.shape[:-1], 3)
+
+    reg = torch.nn.Linear(C, 4)
+    _, ref, _, boxes = t.select_queries(ctx, NegNorm(), reg)
+    assert torch.isfinite(ref).all() and (ref < 1).all() and (ref > 0).all()
+    logits, unact = t.encoder_proposals(ctx, NegNorm(), reg)
+    valid = torch.isfinite(unact).all(-1)
+    assert int(valid[1].sum()) == 10 and int(valid[0].sum()) == 20
+    for b in range(2):
+        score = logits[b].max(-1)[0]
+        top = sorted((i for i in range(20) if valid[b, i]), key=lambda i: -float(score[i]))[:6]
+        torch.testing.assert_close(boxes[b], unact[b, top].sigmoid())
+
+
 def test_giou_loss_on_pixel_boxes_with_official_eps():
     """Hand-built fixture where the eps shows: a 2 x 2 px box predicted exactly in a 1000 x 800 image. The official
     loss (pixels, union and enclosure clamped at 1e-6) is 0; GIoU with eps 1e-7 added to the normalised area

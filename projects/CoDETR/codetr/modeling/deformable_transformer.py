@@ -8,7 +8,7 @@ from torch import nn
 
 from .denoising import inverse_sigmoid
 from .position_encoding import PositionEmbeddingSine, box_sine_embed
-from .transformer import DeformableEncoder, DINODecoderLayer, MultiScaleTransformer
+from .transformer import DeformableEncoder, DINODecoderLayer, MultiScaleTransformer, select_topk_proposals
 
 __all__ = ["DeformableDecoder", "DeformableDETRTransformer"]
 
@@ -137,7 +137,7 @@ class DeformableDETRTransformer(MultiScaleTransformer):
         B = enc_ctx["memory"].shape[0]
         enc_logits, enc_unact = self.encoder_proposals(enc_ctx, cls_branch, reg_branch)
         K = min(query_embed.shape[0], enc_logits.shape[1])
-        topk = enc_logits[..., 0].topk(K, dim=1)[1]
+        topk = select_topk_proposals(enc_logits[..., 0], enc_unact, K)
         topk_unact = torch.gather(enc_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
         reference = topk_unact.sigmoid()
         query_pos = self.pos_trans_norm(self.pos_trans(self.proposal_embed(reference)))[..., : self.embed_dim]

@@ -23,6 +23,7 @@ __all__ = [
     "DINOTransformer",
     "MultiScaleTransformer",
     "encoder_output_proposals",
+    "select_topk_proposals",
 ]
 
 
@@ -253,6 +254,21 @@ def encoder_output_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, s
     return output_memory, proposals
 
 
+def select_topk_proposals(scores: torch.Tensor, coords_unact: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    Indices (B, k) of the k best-scoring *valid* encoder proposals.
+
+    ``scores``: (B, S) selection score per token; ``coords_unact``: (B, S, 4) its inverse-sigmoid box, +inf at
+    padded or invalid tokens (:func:`encoder_output_proposals`). Those tokens carry zeroed memory, so their score is
+    one constant; if the valid tokens' scores fall below it (as the auxiliary heads' losses can push them early in
+    training), a plain top-k fills the queries with boxes that are ``sigmoid(inf) = 1`` -- outside the image and with
+    zero gradient, so the detector never recovers. They are ranked last here (the official code ranks them by their
+    score); only when k exceeds the number of valid tokens is one of them chosen.
+    """
+    invalid = torch.isinf(coords_unact).any(-1)
+    return scores.masked_fill(invalid, float("-inf")).topk(k, dim=1)[1]
+
+
 class MultiScaleTransformer(nn.Module):
     """
     What the deformable DETRs share: ``encode`` flattens the multi-scale features (sine position + learned level
@@ -397,7 +413,7 @@ class DINOTransformer(MultiScaleTransformer):
         K = num_queries or self.num_queries
         enc_logits, enc_coords_unact = self.encoder_proposals(enc_ctx, cls_branch, reg_branch)
         K = min(K, enc_logits.shape[1])
-        topk = enc_logits.max(-1)[0].topk(K, dim=1)[1]
+        topk = select_topk_proposals(enc_logits.max(-1)[0], enc_coords_unact, K)
         topk_logits = torch.gather(enc_logits, 1, topk[..., None].expand(-1, -1, enc_logits.shape[-1]))
         topk_unact = torch.gather(enc_coords_unact, 1, topk[..., None].expand(-1, -1, 4))
         topk_boxes = topk_unact.sigmoid()
