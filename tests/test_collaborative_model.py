@@ -231,3 +231,25 @@ def test_co_dino_configs_and_documented_overrides():
     assert len(model.query_head.transformer.encoder.layers) == 9
     assert [h.num_classes for h in model.collaborative.aux_heads] == [7, 7] and model.collaborative.num_classes == 7
     assert model.collaborative.aux_heads[1].atss_cls.out_channels == 7
+
+
+def test_training_graph_has_no_in_place_ops_on_views():
+    """An in-place op on a view of a tensor that needs grad (e.g. ``nn.ReLU(inplace=True)`` after an ``nn.Linear`` on
+    (B, N, C) inputs, whose output is a view of the 2-D matmul) puts a CopySlices node in the graph, whose backward
+    copies the whole base tensor: 9 % of Co-Deformable-DETR R50's CPU training step at 384x384. The tiny Co-DINO's
+    training graph (one-to-one, denoising and positive-query passes, auxiliary heads) has none."""
+    torch.manual_seed(0)
+    model = tiny_codino()
+    model.train()
+    with EventStorage():
+        loss = sum(model(_batch(0)).values())
+    seen, stack, names = set(), [loss.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    assert len(names) > 1000 and "AddmmBackward0" in names  # the walk reached the whole graph
+    assert names.count("CopySlices") == 0, names.count("CopySlices")

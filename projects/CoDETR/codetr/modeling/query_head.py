@@ -18,7 +18,7 @@ __all__ = ["DETRQueryHead", "reg_branch", "level_masks"]
 def reg_branch(embed_dim: int) -> nn.Sequential:
     """The box MLP C-C-C-4 of a DETR head (``reg_branches.{l}.{0,2,4}`` as officially)."""
     return nn.Sequential(
-        nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, 4)
+        nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 4)
     )
 
 

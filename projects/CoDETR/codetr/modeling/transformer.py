@@ -33,7 +33,7 @@ class FFN(nn.Module):
     def __init__(self, embed_dim: int = 256, ffn_dim: int = 2048, dropout: float = 0.0):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout)),
+            nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout)),
             nn.Linear(ffn_dim, embed_dim),
             nn.Dropout(dropout),
         )
@@ -167,7 +167,7 @@ class DINODecoder(nn.Module):
         self.layers = nn.ModuleList(
             [DINODecoderLayer(embed_dim, num_heads, num_levels, num_points, ffn_dim, dropout) for _ in range(num_layers)]
         )
-        self.ref_point_head = nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim))
+        self.ref_point_head = nn.Sequential(nn.Linear(2 * embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim))
         self.norm = nn.LayerNorm(embed_dim)
         self.embed_dim = embed_dim
 
