@@ -24,7 +24,7 @@ from dino_utils import one_thread  # noqa: F401 (fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo", "co_dino_synthetic.py")  # test resize: short side 192, long <= 352
+DEMO = os.path.join(ROOT, "configs", "demo", "co_dino_synthetic.py")  # test resize: short side 224, long <= 352
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_boxes_in_original_pixels_of_non_square_image(checkpoint):
     assert got.image_size == (h, w)
     assert len(got) > 0
 
-    # by hand: short side 150 -> 192, so the long side 230 -> round(230 * 192 / 150) = round(294.4) = 294 (<= 352)
-    new_h, new_w = 192, 294
+    # by hand: short side 150 -> 224, so the long side 230 -> round(230 * 224 / 150) = round(343.5) = 343 (<= 352)
+    new_h, new_w = 224, 343
     resized = T.ResizeTransform(h, w, new_h, new_w).apply_image(rgb)
     x = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_compiled_predictor_inductor_equals_eager(small_checkpoint, fresh_dynamo
     counters.clear()
     eager = Predictor(DEMO, small_checkpoint, device="cpu", input_format="RGB", overrides=SMALL)
     compiled = Predictor(DEMO, small_checkpoint, device="cpu", input_format="RGB", overrides=SMALL, compile=True)
-    rgb = _image(150, 230)  # non-square: resized to 192 x 294, padded to 192 x 320 (padding masks in the encoder)
+    rgb = _image(150, 230)  # non-square: resized to 224 x 343, padded to 224 x 352 (padding masks in the encoder)
     want = eager(rgb)
     got = compiled(rgb)
     # inductor compiled the graph (or loaded it from its on-disk cache of an earlier run)
@@ -192,8 +192,8 @@ def test_compiled_predictor_recompiles_once_for_a_second_size_then_reuses(small_
     eager = Predictor(DEMO, small_checkpoint, device="cpu", input_format="RGB", overrides=SMALL)
     compiled = Predictor(DEMO, small_checkpoint, device="cpu", input_format="RGB", overrides=SMALL, compile=True,
                          compile_options={"backend": backend})
-    # padded sizes 192 x 320, 192 x 352, then 192 x 256: a static graph, a recompile with a dynamic width, reused
-    for i, (h, w) in enumerate([(150, 230), (150, 260), (150, 200)]):
+    # padded sizes 224 x 352, 224 x 320, then 224 x 288: a static graph, a recompile with a dynamic width, reused
+    for i, (h, w) in enumerate([(150, 230), (150, 200), (150, 180)]):
         rgb = _image(h, w, seed=i)
         _assert_same_detections(compiled(rgb), eager(rgb), box_tol=1e-4, score_tol=1e-6)
     assert len(backend.inputs) == 2

@@ -6,7 +6,7 @@
 # auxiliary heads and their customised positive queries), shrunk to run on a laptop: a ResNet-18-shaped backbone at
 # half width (stages of 32/64/128/256 channels, from scratch), 3 backbone levels + 1 extra (strides 8..64; aux maps
 # 8..128), 128-d transformer with 2 encoder / 2 decoder layers (FFN 256), 50 queries, 10 denoising queries; images
-# resized to a short side of 160..224 (test 192); AdamW 1e-3, 900 iterations of batch 2 (lr x0.1 after 750),
+# resized to a short side of 160..224 (test 224); AdamW 1e-3, 900 iterations of batch 2 (lr x0.1 after 750),
 # evaluated every 300. See README "Train, evaluate, demo" for the measured time and AP.
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
@@ -35,7 +35,7 @@ from ..common.synthetic_data import dataloader
 dataloader.train.total_batch_size = 2
 dataloader.train.mapper.augmentations[1].short_edge_length = (160, 192, 224)
 dataloader.train.mapper.augmentations[1].max_size = 352
-dataloader.test.mapper.augmentations[0].short_edge_length = 192
+dataloader.test.mapper.augmentations[0].short_edge_length = 224
 dataloader.test.mapper.augmentations[0].max_size = 352
 
 WIDTH = 32  # backbone channels of the first stage (ResNet-18: 64)
