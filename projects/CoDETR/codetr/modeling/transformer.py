@@ -262,7 +262,8 @@ def select_topk_proposals(scores: torch.Tensor, coords_unact: torch.Tensor, k: i
     padded or invalid tokens (:func:`encoder_output_proposals`). Those tokens carry zeroed memory, so their score is
     one constant; if the valid tokens' scores fall below it (as the auxiliary heads' losses can push them early in
     training), a plain top-k fills the queries with boxes that are ``sigmoid(inf) = 1`` -- outside the image and with
-    zero gradient, so the detector never recovers. They are ranked last here (the official code ranks them by their
+    zero gradient, and training stalls until the scores happen to cross back (the tiny Co-DINO overfit test sat at
+    AP50 0 for ~120 iterations). They are ranked last here (the official code ranks them by their
     score); only when k exceeds the number of valid tokens is one of them chosen.
     """
     invalid = torch.isinf(coords_unact).any(-1)
