@@ -264,3 +264,61 @@ def test_rcnn_branch_pooler_matches_detectron2():
     for ga, gb in zip(*grads):
         assert gb.abs().sum() > 0  # every level received RoIs
         torch.testing.assert_close(ga, gb, **TOL[torch.float32])
+
+
+def _graph_nodes(t):
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def test_level_concat_pooler_is_detectron2_pooler_bit_for_bit():
+    """LevelConcatROIPooler combines the levels by one row permutation instead of detectron2's per-level index_put_
+    into zeros: reference detectron2's ROIPooler with the same per-level RoIAlign modules; outputs and input
+    gradients equal bit for bit, for boxes on every level, levels without boxes and an image without boxes; the
+    training graph has no IndexPutBackward (whose backward clones the whole output gradient once per level)."""
+    from detectron2.modeling.poolers import ROIPooler
+    from detectron2.structures import Boxes
+
+    from codetr.modeling.rcnn import LevelConcatROIPooler
+
+    kw = dict(output_size=7, scales=[1 / 8, 1 / 16, 1 / 32, 1 / 64], sampling_ratio=0, pooler_type="ROIAlignV2",
+              canonical_box_size=112, canonical_level=3)
+    ours, ref = LevelConcatROIPooler(**kw), ROIPooler(**kw)
+    ours.level_poolers = ref.level_poolers  # the same RoIAlign modules: only the combination differs
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.randn(2, 6, 96 // 2**i, 96 // 2**i, generator=g) for i in range(4)]
+
+    def boxes(n, lo, hi):
+        wh = torch.exp(torch.rand(n, 2, generator=g) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        xy = torch.rand(n, 2, generator=g) * 700 - wh / 2
+        return Boxes(torch.cat([xy, xy + wh], 1))
+
+    cases = {
+        "every level": [boxes(40, 8, 1500), boxes(25, 8, 1500)],
+        "all boxes on level 0": [boxes(9, 8, 200), boxes(4, 8, 200)],
+        "image without boxes": [boxes(0, 8, 20), boxes(12, 8, 1500)],
+    }
+    for name, box_lists in cases.items():
+        outs, grads = [], []
+        for p in (ours, ref):
+            xs = [m.clone().requires_grad_() for m in maps]
+            out = p(xs, box_lists)
+            w = torch.sin(torch.arange(out.numel(), dtype=torch.float32)).view_as(out)
+            grads.append(torch.autograd.grad((out * w).sum(), xs, allow_unused=True))
+            outs.append(out.detach())
+            if p is ours:
+                assert "IndexPutBackward0" not in _graph_nodes(out), name
+        assert outs[0].shape == (sum(len(b) for b in box_lists), 6, 7, 7), name
+        assert torch.equal(outs[0], outs[1]), name
+        for a, b in zip(*grads):
+            assert (a is None and b is None) or torch.equal(a, b), name
+    # the reference does use index_put_ (the test would not notice a regression otherwise)
+    xs = [m.clone().requires_grad_() for m in maps]
+    assert "IndexPutBackward0" in _graph_nodes(ref(xs, cases["every level"]))
