@@ -145,3 +145,16 @@ def tiny_dab(num_classes=3, num_queries=20, num_co_heads=0, embed_dim=64, layers
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375], size_divisibility=32,
         postprocessor=DETRPostProcessor(max_per_img=100, soft_nms=False),
     )
+
+
+def autograd_node_names(t):
+    """Class names of every node of ``t``'s autograd graph (each node once)."""
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names

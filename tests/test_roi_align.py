@@ -266,18 +266,6 @@ def test_rcnn_branch_pooler_matches_detectron2():
         torch.testing.assert_close(ga, gb, **TOL[torch.float32])
 
 
-def _graph_nodes(t):
-    seen, stack, names = set(), [t.grad_fn], []
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.append(type(fn).__name__)
-        stack.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def test_level_concat_pooler_is_detectron2_pooler_bit_for_bit():
     """LevelConcatROIPooler combines the levels by one row permutation instead of detectron2's per-level index_put_
     into zeros: reference detectron2's ROIPooler with the same per-level RoIAlign modules; outputs and input
@@ -287,6 +275,7 @@ def test_level_concat_pooler_is_detectron2_pooler_bit_for_bit():
     from detectron2.structures import Boxes
 
     from codetr.modeling.rcnn import LevelConcatROIPooler
+    from dino_utils import autograd_node_names
 
     kw = dict(output_size=7, scales=[1 / 8, 1 / 16, 1 / 32, 1 / 64], sampling_ratio=0, pooler_type="ROIAlignV2",
               canonical_box_size=112, canonical_level=3)
@@ -314,11 +303,11 @@ def test_level_concat_pooler_is_detectron2_pooler_bit_for_bit():
             grads.append(torch.autograd.grad((out * w).sum(), xs, allow_unused=True))
             outs.append(out.detach())
             if p is ours:
-                assert "IndexPutBackward0" not in _graph_nodes(out), name
+                assert "IndexPutBackward0" not in autograd_node_names(out), name
         assert outs[0].shape == (sum(len(b) for b in box_lists), 6, 7, 7), name
         assert torch.equal(outs[0], outs[1]), name
         for a, b in zip(*grads):
             assert (a is None and b is None) or torch.equal(a, b), name
     # the reference does use index_put_ (the test would not notice a regression otherwise)
     xs = [m.clone().requires_grad_() for m in maps]
-    assert "IndexPutBackward0" in _graph_nodes(ref(xs, cases["every level"]))
+    assert "IndexPutBackward0" in autograd_node_names(ref(xs, cases["every level"]))
