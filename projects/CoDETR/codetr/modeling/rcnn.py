@@ -108,7 +108,7 @@ class LevelConcatROIPooler(ROIPooler):
         """
         Args:
             x: one (N, C, H_l, W_l) map per level, finest first.
-            box_lists: N ``Boxes`` (or (n_i, 4) tensors), one per image, in the input image's coordinates.
+            box_lists: N ``Boxes``, one per image, in the input image's coordinates.
 
         Returns:
             (sum n_i, C, R, R): the pooled features, image-major in the order of ``box_lists``.
